@@ -1,0 +1,1 @@
+"""Shared world models: RSSM (Dreamer), VAE + MDN-RNN (World Models), IRIS transformer."""

@@ -1,0 +1,76 @@
+"""The WorldModel interface every world-model family implements.
+
+Shape symbols (see docs/shapes.md): B batch, T sequence length, N any flat batch of
+states (N = B*T when imagination starts from every posterior state), A action size
+(one-hot size for discrete actions), F feature size.
+
+Batches follow the replay row convention: row t holds ``obs[t]``, ``reward[t]`` (received on
+arriving at obs[t]), ``is_first[t]`` (obs[t] came from reset), ``is_terminal[t]`` (obs[t] is
+terminal), ``is_last[t]`` and ``action[t]`` (the action the policy chose *at* obs[t]).
+A model that needs the previous action uses ``action[t-1]`` and zeros where ``is_first``.
+Actions given to a world model are float tensors [..., A]: one-hot for discrete spaces,
+values in [-1, 1] for continuous ones.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+"""A latent state: a flat dict of tensors sharing leading batch dimensions."""
+
+
+def state_map(state: State, fn) -> State:
+    """Apply ``fn`` to every tensor of a state (reshape, detach, index, ...)."""
+    return {k: fn(v) for k, v in state.items()}
+
+
+def flatten_state(state: State, dims: int = 2) -> State:
+    """Merge the first ``dims`` batch dimensions: [B, T, ...] -> [B*T, ...]."""
+    return {k: v.reshape(-1, *v.shape[dims:]) for k, v in state.items()}
+
+
+class WorldModel(nn.Module, ABC):
+    """A learned model of the environment that an agent can train and plan inside."""
+
+    feature_dim: int
+    """Size F of ``features(state)``."""
+
+    @abstractmethod
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, State]:
+        """Learn from replayed sequences.
+
+        batch: obs keys (``image`` uint8 [B,T,H,W,C], ``vector`` float [B,T,D]), ``action``
+        float [B,T,A], ``reward`` [B,T], ``is_first``/``is_terminal`` bool [B,T].
+        Returns (scalar loss, metrics as detached tensors, posterior states [B,T,...]).
+        """
+
+    @abstractmethod
+    def initial(self, batch_size: int) -> State:
+        """The latent state before the first observation, [N, ...]."""
+
+    @abstractmethod
+    def observe_step(
+        self,
+        state: State,
+        prev_action: torch.Tensor,
+        obs: dict[str, torch.Tensor],
+        is_first: torch.Tensor,
+    ) -> State:
+        """Filter the latent state with one real observation (acting in the env).
+
+        prev_action [N,A]; obs values [N,...]; is_first bool [N] resets those rows.
+        """
+
+    @abstractmethod
+    def imagine_step(
+        self, state: State, action: torch.Tensor
+    ) -> tuple[State, torch.Tensor, torch.Tensor]:
+        """One batched dream step: (next state [N,...], reward [N], continue prob [N])."""
+
+    @abstractmethod
+    def features(self, state: State) -> torch.Tensor:
+        """The vector [..., F] that actors, critics and planners read."""
