@@ -29,8 +29,18 @@ class Agent(ABC):
     ) -> tuple[np.ndarray, Any]:
         """Choose actions for N envs. ``state`` is None on the first call."""
 
-    def observe(self, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray) -> None:
-        """Outcome [N] of the last ``act``; online learners (bandits) learn here."""
+    def observe(
+        self,
+        reward: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        """Outcome [N] of the last ``act``; online learners (bandits) learn here.
+
+        ``valid`` is False for envs whose last step was an autoreset (the action was ignored
+        and the reward is 0 by convention), so learners must skip those entries.
+        """
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One learning step on a replay batch [B,T,...]; returns metrics as tensors."""

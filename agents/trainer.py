@@ -1,0 +1,369 @@
+"""The training loop shared by every agent: collect, store, learn, evaluate, log, checkpoint.
+
+One loop iteration steps N parallel envs once (N env steps). Learning keeps DreamerV3's
+``train_ratio``: replayed rows per env step, so after ``learning_starts`` the number of updates
+done by env step s is ``(s - learning_starts) * train_ratio // (B * T)``.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents import make_agent
+from agents.base import Agent
+from agents.checkpoint import FORMAT, atomic_torch_save, checkpoint_path, load_checkpoint
+from agents.config import ConfigError, check_bool, check_int
+from agents.evaluate import evaluate
+from agents.logger import Logger
+from agents.replay import Replay
+from envs import make_vector_env
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not (name == "cpu" or name.startswith("cuda")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available (use device=cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": _np_global_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _np_global_state() -> tuple:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def updates_due(
+    env_steps: int, learning_starts: int, train_ratio: int, rows_per_update: int
+) -> int:
+    """Total updates that should have been done after ``env_steps`` env steps."""
+    return max(0, env_steps - learning_starts) * train_ratio // rows_per_update
+
+
+def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """A replay batch on the device: pinned memory and asynchronous copies on CUDA."""
+    out = {}
+    for key, value in batch.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        if device.type == "cuda":
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        out[key] = tensor
+    return out
+
+
+def _to_tensors(tree: Any) -> Any:
+    """numpy arrays -> tensors, recursively, so the checkpoint loads with weights_only."""
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(tree.copy())
+    if isinstance(tree, dict):
+        return {k: _to_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_tensors(v) for v in tree)
+    return tree
+
+
+def _to_numpy(tree: Any) -> Any:
+    if torch.is_tensor(tree):
+        return tree.numpy()
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return tree
+
+
+def validate_trainer(cfg: Any) -> None:
+    t = cfg.trainer
+    for key in ["total_steps", "train_ratio", "replay_capacity", "replay_chunk"]:
+        check_int(t, key, "trainer.")
+    for key in ["learning_starts", "eval_every", "checkpoint_every"]:
+        check_int(t, key, "trainer.", low=0)
+    check_int(t, "log_every", "trainer.")
+    check_int(t, "eval_episodes", "trainer.", low=0)
+    check_int(t, "eval_envs", "trainer.")
+    for key in ["video", "progress", "eval_explore"]:
+        check_bool(t, key, "trainer.")
+    check_int(cfg.env, "num_envs", "env.")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed must be an int, got {cfg.seed!r}")
+
+
+class Trainer:
+    """Runs one training job in ``run_dir``; ``resume=True`` continues from its checkpoint."""
+
+    def __init__(self, cfg: Any, run_dir: str | Path, resume: bool = False):
+        validate_trainer(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = select_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.num_envs = cfg.env.num_envs
+        self.env = make_vector_env(cfg.env, self.num_envs, seed=cfg.seed)
+        self.obs_space = self.env.single_observation_space
+        self.action_space = self.env.single_action_space
+        self.agent: Agent = make_agent(cfg, self.obs_space, self.action_space, self.device)
+        self.replay = None
+        if self.agent.learns:
+            self.replay = Replay(
+                capacity=cfg.trainer.replay_capacity,
+                num_envs=self.num_envs,
+                directory=self.run_dir / "replay",
+                chunk_size=cfg.trainer.replay_chunk,
+                seed=cfg.seed,
+            )
+        if hasattr(self.agent, "bind_env"):  # planners on the true simulator (MCTS)
+            self.agent.bind_env(self.env)
+        self.env_steps = 0
+        self.updates = 0
+        self.episodes = 0
+        self.act_state = None
+        self._reset_loop_state()
+        if resume:
+            self._restore()
+        self.logger = Logger(cfg, self.run_dir, cfg.trainer.total_steps, self.env_steps)
+        if resume and self._pending is not None:
+            for key, values in self._pending.items():
+                self.logger._pending[key].extend(values)
+        self._stop_signal: int | None = None
+
+    # ----------------------------------------------------------------- state
+    def _reset_loop_state(self) -> None:
+        obs, _ = self.env.reset(seed=self.cfg.seed)
+        n = self.num_envs
+        self.obs = obs
+        self.reward = np.zeros(n, np.float32)
+        self.is_first = np.ones(n, bool)
+        self.is_terminal = np.zeros(n, bool)
+        self.is_truncated = np.zeros(n, bool)
+        self.ep_return = np.zeros(n, np.float64)
+        self.ep_length = np.zeros(n, np.int64)
+        self.last_return = float("nan")
+        self._pending = None
+
+    def _env_state(self) -> Any:
+        from envs.state import get_vector_state
+
+        try:
+            return get_vector_state(self.env)
+        except (NotImplementedError, TypeError, ValueError, AttributeError):
+            return None
+
+    def save(self) -> Path:
+        """Checkpoint everything a resumed run needs (atomic write)."""
+        if self.replay is not None:
+            self.replay.flush()
+        metrics_path = self.run_dir / "metrics.jsonl"
+        payload = {
+            "format": FORMAT,
+            "agent_name": self.cfg.agent.name,
+            "env_id": self.cfg.env.id,
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+            "episodes": self.episodes,
+            "agent": self.agent.state_dict(),
+            "replay": None if self.replay is None else self.replay.state_dict(),
+            "rng": rng_state(),
+            "env_state": self._env_state(),
+            "loop": _to_tensors(
+                {
+                    "obs": dict(self.obs),
+                    "reward": self.reward,
+                    "is_first": self.is_first,
+                    "is_terminal": self.is_terminal,
+                    "is_truncated": self.is_truncated,
+                    "ep_return": self.ep_return,
+                    "ep_length": self.ep_length,
+                    "last_return": self.last_return,
+                }
+            ),
+            "act_state": _to_tensors(self.act_state),
+            "pending_metrics": {k: list(v) for k, v in self.logger._pending.items()},
+            "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
+        }
+        path = checkpoint_path(self.run_dir)
+        atomic_torch_save(payload, path)
+        return path
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(
+            checkpoint_path(self.run_dir), agent_name=self.cfg.agent.name, env_id=self.cfg.env.id
+        )
+        self.env_steps, self.updates = ckpt["env_steps"], ckpt["updates"]
+        self.episodes = ckpt["episodes"]
+        self.agent.load_state_dict(ckpt["agent"])
+        if self.replay is not None:
+            self.replay.load_state_dict(ckpt["replay"])
+        set_rng_state(ckpt["rng"])
+        restored_env = False
+        if ckpt["env_state"] is not None:
+            from envs.state import set_vector_state
+
+            set_vector_state(self.env, ckpt["env_state"])
+            restored_env = True
+        loop = _to_numpy(ckpt["loop"])
+        if restored_env:
+            self.obs = loop["obs"]
+            self.reward, self.is_first = loop["reward"], loop["is_first"]
+            self.is_terminal, self.is_truncated = loop["is_terminal"], loop["is_truncated"]
+            self.ep_return, self.ep_length = loop["ep_return"], loop["ep_length"]
+            self.act_state = ckpt["act_state"]
+        else:  # envs whose state cannot be captured restart their episodes
+            obs, _ = self.env.reset(seed=self.cfg.seed + self.env_steps)
+            self.obs = obs
+            self.act_state = None
+        self.last_return = float(loop["last_return"])
+        self._pending = ckpt["pending_metrics"]
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if metrics_path.exists():  # drop rows logged after the checkpoint (and torn lines)
+            with open(metrics_path, "r+b") as f:
+                f.truncate(ckpt["metrics_bytes"])
+
+    # ------------------------------------------------------------------ loop
+    def _collect(self) -> None:
+        """Act in every env once and store the rows (DreamerV3 row convention)."""
+        obs = {**self.obs, "is_first": self.is_first}
+        actions, self.act_state = self.agent.act(obs, self.act_state, explore=True)
+        is_last = self.is_terminal | self.is_truncated
+        if self.replay is not None:
+            self.replay.add(
+                {
+                    **self.obs,
+                    "action": actions,
+                    "reward": self.reward,
+                    "is_first": self.is_first,
+                    "is_terminal": self.is_terminal,
+                    "is_truncated": self.is_truncated,
+                    "is_last": is_last,
+                }
+            )
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        valid = ~is_last  # after a last row the env autoresets and ignored the action
+        self.agent.observe(reward, terminated, truncated, valid)
+        life_loss = info.get("life_loss", np.zeros(self.num_envs, bool))
+        self.obs = obs
+        self.reward = np.where(valid, reward, 0.0).astype(np.float32)
+        self.is_first = is_last.copy()
+        self.is_terminal = np.asarray(terminated, bool) | (np.asarray(life_loss, bool) & valid)
+        self.is_truncated = np.asarray(truncated, bool)
+        self.ep_return += np.where(valid, reward, 0.0)
+        self.ep_length += valid
+        done = valid & (np.asarray(terminated) | np.asarray(truncated))
+        for i in np.flatnonzero(done):
+            self.logger.add({"episode/return": float(self.ep_return[i])})
+            self.logger.add({"episode/length": float(self.ep_length[i])})
+            self.last_return = float(self.ep_return[i])
+            self.ep_return[i], self.ep_length[i] = 0.0, 0
+            self.episodes += 1
+        self.env_steps += self.num_envs
+
+    def _learn(self) -> None:
+        t = self.cfg.trainer
+        if self.replay is None or self.env_steps < t.learning_starts:
+            return
+        batch_size, seq_len = self.agent.batch_size, self.agent.seq_len
+        if not self.replay.can_sample(seq_len):
+            return
+        due = updates_due(self.env_steps, t.learning_starts, t.train_ratio, batch_size * seq_len)
+        done = 0
+        while self.updates < due:
+            batch = to_torch(self.replay.sample(batch_size, seq_len), self.device)
+            self.logger.add(self.agent.update(batch), prefix="train/")
+            self.updates += 1
+            done += 1
+        self.logger.count_updates(done)
+
+    def evaluate(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        video = None
+        if t.video and "image" in self.obs_space.spaces:
+            video = self.run_dir / "videos" / f"eval_{self.env_steps:09d}.mp4"
+        result = evaluate(
+            self.agent,
+            self.cfg.env,
+            episodes=t.eval_episodes,
+            num_envs=t.eval_envs,
+            seed=self.cfg.seed + 1_000_003,
+            explore=t.eval_explore,
+            video_path=video,
+        )
+        if video is not None and video.exists():
+            self.logger.log_video(video, self.env_steps)
+        return {
+            "eval/return_mean": result["return_mean"],
+            "eval/return_std": result["return_std"],
+            "eval/length_mean": result["length_mean"],
+        }
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.env_steps % every < self.num_envs
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> dict[str, float]:
+        """Train until ``trainer.total_steps``; returns the last logged row."""
+        t = self.cfg.trainer
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        last: dict[str, float] = {}
+        try:
+            while self.env_steps < t.total_steps and self._stop_signal is None:
+                self._collect()
+                self._learn()
+                extra = {}
+                final = self.env_steps >= t.total_steps
+                if t.eval_episodes > 0 and (self._due(t.eval_every) or final):
+                    extra = self.evaluate()
+                if self._due(t.log_every) or final or extra:
+                    extra.update(
+                        {
+                            "progress/updates": float(self.updates),
+                            "progress/episodes": float(self.episodes),
+                        }
+                    )
+                    last = self.logger.write(self.env_steps, extra)
+                if self._due(t.checkpoint_every) and not final:
+                    self.save()
+                self.logger.progress(
+                    self.env_steps,
+                    {"ret": f"{self.last_return:.1f}", "upd": self.updates},
+                )
+            self.save()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.logger.close()
+            self.env.close()
+        return last

@@ -1,0 +1,176 @@
+"""The shared training loop: train_ratio arithmetic, row convention, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+import agents
+from agents.base import Agent
+from agents.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from agents.config import ConfigError
+from agents.trainer import Trainer, updates_due
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_cfg(run_dir: Path, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["logger.mode=disabled", "trainer.progress=false", *overrides]
+        )
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    cfg.run_dir = str(run_dir)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+class ToyAgent(Agent):
+    """A softmax-linear policy that learns from replay: exercises every RNG stream of a run."""
+
+    seq_len = 8
+    batch_size = 4
+
+    def __init__(self, cfg, obs_space, action_space, device):
+        dim = obs_space["vector"].shape[0]
+        self.w = torch.zeros(dim, action_space.n, requires_grad=True)
+        self.opt = torch.optim.Adam([self.w], lr=0.05)
+        self.acts = 0
+
+    def act(self, obs, state, explore=True):
+        logits = torch.from_numpy(obs["vector"]) @ self.w.detach()
+        dist = torch.distributions.Categorical(logits=logits)
+        action = dist.sample() if explore else logits.argmax(-1)
+        steps = torch.zeros(len(obs["is_first"])) if state is None else state
+        steps = torch.where(torch.from_numpy(obs["is_first"]), 0.0, steps + 1)
+        return action.numpy().astype(np.int64), steps
+
+    def update(self, batch):
+        logp = (batch["vector"] @ self.w).log_softmax(-1)  # [B, T, A]
+        taken = logp.gather(-1, batch["action"][..., None]).squeeze(-1)
+        alive = (~batch["is_last"]).float()
+        loss = -(taken * alive).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss.detach(), "first_frac": batch["is_first"].float().mean()}
+
+    def state_dict(self):
+        return {"w": self.w.detach().clone(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.w.copy_(state["w"])
+        self.opt.load_state_dict(state["opt"])
+
+
+@pytest.fixture
+def toy_agent(monkeypatch):
+    monkeypatch.setitem(agents.AGENTS, "toy", lambda *a: ToyAgent(*a))
+
+
+def toy_overrides(total: int) -> list[str]:
+    return [
+        "agent=random",
+        "env=cartpole",
+        "env.num_envs=2",
+        f"trainer.total_steps={total}",
+        "trainer.learning_starts=40",
+        "trainer.train_ratio=16",
+        "trainer.log_every=40",
+        "trainer.eval_every=80",
+        "trainer.eval_episodes=2",
+        "trainer.checkpoint_every=80",
+        "trainer.replay_chunk=32",
+    ]
+
+
+def toy_cfg(run_dir, total):
+    cfg = make_cfg(run_dir, toy_overrides(total))
+    OmegaConf.set_struct(cfg, False)
+    cfg.agent.name = "toy"
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def test_updates_due_follows_train_ratio():
+    # 1024 replayed rows per update (16 x 64); ratio 512 -> one update per 2 env steps
+    assert updates_due(999, 1000, 512, 1024) == 0
+    assert updates_due(1000, 1000, 512, 1024) == 0
+    assert updates_due(1002, 1000, 512, 1024) == 1
+    assert updates_due(3000, 1000, 512, 1024) == 1000
+    assert updates_due(1100, 1000, 32, 1024) == 3  # 100 * 32 / 1024 = 3.125
+
+
+def test_toy_run_counts_updates_and_stores_rows(tmp_path, toy_agent):
+    cfg = toy_cfg(tmp_path, 200)
+    trainer = Trainer(cfg, tmp_path)
+    trainer.run()
+    # 2 envs x 100 iterations; (200 - 40) * 16 / 32 rows per update = 80 updates
+    assert trainer.env_steps == 200
+    assert trainer.updates == 80
+    assert len(trainer.replay) == 200
+    batch = trainer.replay.sample(4, 8)
+    # reward of a reset row is 0; a row after a last row is first
+    last = batch["is_last"][:, :-1]
+    assert np.all(batch["is_first"][:, 1:][last])
+    assert np.all(batch["reward"][:, 1:][batch["is_first"][:, 1:]] == 0)
+    assert batch["image" if "image" in batch else "vector"].dtype == np.float32
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [40, 80, 120, 160, 200]
+    assert all("eval/return_mean" in r for r in rows if r["step"] % 80 == 0 or r["step"] == 200)
+    ckpt = load_checkpoint(checkpoint_path(tmp_path), agent_name="toy", env_id="CartPole-v1")
+    assert ckpt["env_steps"] == 200 and ckpt["updates"] == 80
+
+
+def test_resume_gives_the_same_run(tmp_path, toy_agent):
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    full_dir.mkdir()
+    split_dir.mkdir()
+    Trainer(toy_cfg(full_dir, 320), full_dir).run()
+    Trainer(toy_cfg(split_dir, 160), split_dir).run()
+    # the resumed run reads everything (replay, RNG, envs, agent) back from split_dir
+    Trainer(toy_cfg(split_dir, 320), split_dir, resume=True).run()
+    assert read_metrics(full_dir) == read_metrics(split_dir)
+    a = load_checkpoint(checkpoint_path(full_dir))["agent"]["w"]
+    b = load_checkpoint(checkpoint_path(split_dir))["agent"]["w"]
+    assert torch.equal(a, b)
+
+
+def test_bad_trainer_value_names_the_key(tmp_path):
+    cfg = make_cfg(tmp_path, ["agent=random", "trainer.total_steps=-5"])
+    with pytest.raises(ConfigError, match="trainer.total_steps"):
+        Trainer(cfg, tmp_path)
+
+
+def test_checkpoint_errors(tmp_path, toy_agent):
+    with pytest.raises(CheckpointError, match="not a yume run directory"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    run = tmp_path / "run"
+    run.mkdir()
+    Trainer(toy_cfg(run, 60), run).run()
+    with pytest.raises(CheckpointError, match="written by agent 'toy', not 'dreamer'"):
+        load_checkpoint(checkpoint_path(run), agent_name="dreamer")
+    with pytest.raises(CheckpointError, match="trained on env 'CartPole-v1'"):
+        load_checkpoint(checkpoint_path(run), env_id="ALE/Pong-v5")
+    checkpoint_path(run).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(checkpoint_path(run))
