@@ -55,3 +55,19 @@ def check_bool(cfg: Any, key: str, prefix: str = "") -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{prefix}{key} must be true or false, got {value!r}")
     return value
+
+
+def env_label(env_id: str) -> str:
+    """A short run-directory label for an env id: ``ALE/Pong-v5`` -> ``pong``."""
+    name = str(env_id).split("/")[-1]
+    name = name.rsplit("-v", 1)[0] if "-v" in name else name
+    return name.lower().replace("noframeskip", "")
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("yume_env_name", env_label, replace=True)
+
+
+_register_resolvers()
