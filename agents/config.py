@@ -10,19 +10,19 @@ class ConfigError(ValueError):
     """A config value is missing, of the wrong type or out of range; the message names the key."""
 
 
-def _get(cfg: Any, key: str) -> Any:
+def _get(cfg: Any, key: str, prefix: str = "") -> Any:
     node = cfg
     for part in key.split("."):
         try:
             node = node[part]
         except (KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"missing config key '{key}'") from e
+            raise ConfigError(f"missing config key '{prefix}{key}'") from e
     return node
 
 
 def check_int(cfg: Any, key: str, prefix: str = "", low: int | None = 1) -> int:
     """``cfg[key]`` as an int >= ``low``; ``prefix`` is the subtree's name for the message."""
-    value = _get(cfg, key)
+    value = _get(cfg, key, prefix)
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
         raise ConfigError(f"{prefix}{key} must be an int{bound}, got {value!r}")
@@ -33,7 +33,7 @@ def check_float(
     cfg: Any, key: str, prefix: str = "", low: float | None = None, high: float | None = None
 ) -> float:
     """``cfg[key]`` as a float in [low, high]."""
-    value = _get(cfg, key)
+    value = _get(cfg, key, prefix)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{prefix}{key} must be a number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -43,7 +43,7 @@ def check_float(
 
 def check_choice(cfg: Any, key: str, choices: Iterable[Any], prefix: str = "") -> Any:
     """``cfg[key]`` as one of ``choices``."""
-    value = _get(cfg, key)
+    value = _get(cfg, key, prefix)
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"{prefix}{key} must be one of {choices}, got {value!r}")
@@ -51,7 +51,7 @@ def check_choice(cfg: Any, key: str, choices: Iterable[Any], prefix: str = "") -
 
 
 def check_bool(cfg: Any, key: str, prefix: str = "") -> bool:
-    value = _get(cfg, key)
+    value = _get(cfg, key, prefix)
     if not isinstance(value, bool):
         raise ConfigError(f"{prefix}{key} must be true or false, got {value!r}")
     return value

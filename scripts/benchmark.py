@@ -1,0 +1,208 @@
+"""Speed of one agent/world-model preset on one device, measured the same way every time.
+
+    python scripts/benchmark.py agent=dreamer env=cartpole preset=dreamer_xs
+    python scripts/benchmark.py env=atari preset=dreamer_s device=cuda bench.append=docs/benchmarks.md
+
+Reports seconds per update (split into world model / imagination / actor-critic for agents built
+on a world model), imagined latent steps/s, env steps/s while collecting with policy inference
+(and the raw vector env's rate), replay sampling time for the agent's [B, T] batch, and peak host
+and device memory. Each figure is the median of ``bench.repeats`` timings after
+``bench.warmup`` untimed calls; CUDA work is synchronised before every clock read.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import _common
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from agents import make_agent
+from agents.replay import Replay
+from agents.trainer import select_device, seed_everything, to_torch
+from envs import make_vector_env
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fill_replay(env, agent, rows: int, num_envs: int, seed: int) -> Replay:
+    """Random-action rows (with the trainer's row convention) for sampling batches."""
+    replay = Replay(capacity=max(rows, 2 * agent.seq_len * num_envs), num_envs=num_envs, seed=seed)
+    obs, _ = env.reset(seed=seed)
+    is_first = np.ones(num_envs, bool)
+    reward = np.zeros(num_envs, np.float32)
+    last = np.zeros(num_envs, bool)
+    term = np.zeros(num_envs, bool)
+    for _ in range(rows // num_envs):
+        action = np.stack([env.single_action_space.sample() for _ in range(num_envs)])
+        replay.add(
+            {
+                **obs,
+                "action": action,
+                "reward": reward,
+                "is_first": is_first,
+                "is_terminal": term,
+                "is_truncated": last & ~term,
+                "is_last": last,
+            }
+        )
+        obs, reward, term, trunc, _ = env.step(action)
+        reward = reward.astype(np.float32)
+        is_first, last = last, term | trunc
+    return replay
+
+
+def collection_rate(env, agent, steps: int, num_envs: int, seed: int, policy: bool) -> float:
+    """Env steps/s of stepping the vector env, with or without ``agent.act`` inference."""
+    obs, _ = env.reset(seed=seed)
+    is_first = np.ones(num_envs, bool)
+    state = None
+    space = env.single_action_space
+    actions = np.stack([space.sample() for _ in range(num_envs)])
+    start = time.perf_counter()
+    for _ in range(steps // num_envs):
+        if policy:
+            actions, state = agent.act({**obs, "is_first": is_first}, state, explore=True)
+        obs, _, term, trunc, _ = env.step(actions)
+        is_first = term | trunc
+    return steps / (time.perf_counter() - start)
+
+
+def benchmark(cfg: DictConfig) -> dict[str, Any]:
+    bench = cfg.bench
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+    num_envs = cfg.env.num_envs
+    env = make_vector_env(cfg.env, num_envs, seed=cfg.seed)
+    agent = make_agent(cfg, env.single_observation_space, env.single_action_space, device)
+    result: dict[str, Any] = {
+        "agent": cfg.agent.name,
+        "world_model": cfg.world_model.name if cfg.agent.name == "dreamer" else None,
+        "env": cfg.env.id,
+        "device": str(device),
+        "hardware": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    if agent.learns:
+        b, t = agent.batch_size, agent.seq_len
+        result["batch"] = f"{b}x{t}"
+        replay = fill_replay(env, agent, bench.replay_rows, num_envs, cfg.seed)
+        result["replay_sample_ms"] = 1e3 * timed(
+            lambda: replay.sample(b, t), bench.repeats * 5, bench.warmup, device
+        )
+        batch = to_torch(replay.sample(b, t), device)
+        result["update_s"] = timed(lambda: agent.update(batch), bench.repeats, bench.warmup, device)
+        if hasattr(agent, "world_model") and hasattr(agent, "actor_critic"):
+            result.update(split_update(agent, batch, bench, device))
+    result["collect_steps_per_s"] = collection_rate(
+        env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True
+    )
+    result["raw_env_steps_per_s"] = collection_rate(
+        env, agent, bench.collect_steps, num_envs, cfg.seed, policy=False
+    )
+    result["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    env.close()
+    return result
+
+
+def split_update(agent, batch, bench, device) -> dict[str, float]:
+    """World-model step, imagination alone and the actor-critic remainder of one update."""
+    wm, ac = agent.world_model, agent.actor_critic
+    data = {k: batch[k] for k in agent.obs_keys}
+    data["action"] = agent._model_action(batch["action"])
+    data["reward"] = batch["reward"].float()
+    data["is_first"] = batch["is_first"].bool()
+    data["is_terminal"] = batch["is_terminal"].bool()
+
+    def model_step():
+        loss, _, post = wm.loss(data)
+        agent.model_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        agent.model_opt.step()
+        return post
+
+    post = model_step()
+    start, _ = ac._starts({k: v.detach() for k, v in post.items()}, data["is_terminal"])
+    n = next(iter(start.values())).shape[0]
+
+    def imagine():
+        with torch.no_grad():
+            ac.imagine(wm, start, ac.horizon)
+
+    wm_s = timed(model_step, bench.repeats, bench.warmup, device)
+    imag_s = timed(imagine, bench.repeats, bench.warmup, device)
+    ac_s = timed(
+        lambda: ac.update(wm, {k: v.detach() for k, v in post.items()}, data["is_terminal"]),
+        bench.repeats,
+        bench.warmup,
+        device,
+    )
+    return {
+        "world_model_s": wm_s,
+        "imagination_s": imag_s,
+        "actor_critic_s": ac_s,
+        "imagination_starts": n,
+        "imagined_steps_per_s": n * ac.horizon / imag_s,
+    }
+
+
+def markdown_row(result: dict[str, Any], command: str) -> str:
+    def fmt(key, scale=1.0, digits=3):
+        value = result.get(key)
+        return "–" if value is None else f"{value * scale:.{digits}g}"
+
+    return (
+        f"| {result['agent']}{'+' + result['world_model'] if result['world_model'] else ''} "
+        f"| {result['env']} | {result.get('batch', '–')} | {result['hardware']} "
+        f"| {fmt('update_s')} | {fmt('world_model_s')} | {fmt('imagination_s')} "
+        f"| {fmt('actor_critic_s')} | {fmt('imagined_steps_per_s')} "
+        f"| {fmt('collect_steps_per_s')} / {fmt('raw_env_steps_per_s')} "
+        f"| {fmt('replay_sample_ms')} | {fmt('peak_host_mb', digits=4)} "
+        f"| {fmt('peak_device_mb', digits=4)} | `{command}` |"
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    def body():
+        OmegaConf.resolve(cfg)
+        result = benchmark(cfg)
+        command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
+        print(json.dumps(result, indent=2))
+        row = markdown_row(result, command)
+        print(row)
+        if cfg.bench.append:
+            with open(Path(_common.ROOT) / cfg.bench.append, "a") as f:
+                f.write(row + "\n")
+
+    _common.run_cli(body)
+
+
+if __name__ == "__main__":
+    main()
