@@ -319,6 +319,8 @@ class Trainer:
             explore=t.eval_explore,
             video_path=video,
         )
+        if hasattr(self.agent, "bind_env"):  # evaluation bound the planner to its own env
+            self.agent.bind_env(self.env)
         if video is not None and video.exists():
             self.logger.log_video(video, self.env_steps)
         return {
