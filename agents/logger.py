@@ -56,6 +56,7 @@ class Logger:
                 dynamic_ncols=True,
                 smoothing=0.1,
             )
+        self._bar_time, self._bar_updates = time.perf_counter(), 0
         self._last_time = time.perf_counter()
         self._last_step = start_step
         self._updates_since = 0
@@ -102,11 +103,21 @@ class Logger:
 
             self._wandb.log({"eval/video": wandb.Video(str(path), format="mp4")}, step=step)
 
-    def progress(self, step: int, postfix: dict[str, Any]) -> None:
-        if self._bar is not None:
-            self._bar.n = step
-            self._bar.set_postfix(postfix, refresh=False)
-            self._bar.refresh()
+    def progress(self, step: int, last_return: float, updates: int) -> None:
+        """Refresh the bar (env steps, steps/s and ETA from tqdm) at most every 0.5 s."""
+        if self._bar is None:
+            return
+        now = time.perf_counter()
+        if now - self._bar_time < 0.5:
+            return
+        rate = (updates - self._bar_updates) / max(now - self._bar_time, 1e-9)
+        self._bar_time, self._bar_updates = now, updates
+        self._bar.n = step
+        self._bar.set_postfix(
+            {"return": f"{last_return:.1f}", "updates": updates, "upd/s": f"{rate:.1f}"},
+            refresh=False,
+        )
+        self._bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:

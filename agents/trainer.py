@@ -358,10 +358,7 @@ class Trainer:
                     last = self.logger.write(self.env_steps, extra)
                 if self._due(t.checkpoint_every) and not final:
                     self.save()
-                self.logger.progress(
-                    self.env_steps,
-                    {"ret": f"{self.last_return:.1f}", "upd": self.updates},
-                )
+                self.logger.progress(self.env_steps, self.last_return, self.updates)
             self.save()
         finally:
             for s, h in handlers.items():

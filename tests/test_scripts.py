@@ -1,0 +1,100 @@
+"""The entry points as a user runs them: train, eval, plot, resume, and their error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory) -> Path:
+    """A finished random-agent CartPole run (300 steps, two evaluations)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "random"
+    run(
+        "train.py",
+        "agent=random",
+        "env=cartpole",
+        "trainer.total_steps=300",
+        "trainer.eval_every=150",
+        "trainer.eval_episodes=2",
+        "trainer.log_every=150",
+        "trainer.progress=false",
+        "logger.mode=disabled",
+        f"run_dir={run_dir}",
+    )
+    return run_dir
+
+
+def test_train_writes_a_run_directory(random_run):
+    assert (random_run / "config.yaml").is_file()
+    assert (random_run / "checkpoints" / "latest.pt").is_file()
+    rows = [json.loads(line) for line in (random_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [150, 300]
+    assert all("eval/return_mean" in r for r in rows)
+    # a random CartPole policy lasts ~22 steps on average; certainly between 8 and 100
+    assert 8 < rows[-1]["eval/return_mean"] < 100
+
+
+def test_eval_prints_mean_std_and_episodes(random_run):
+    out = run("eval.py", f"run={random_run}", "episodes=3").stdout
+    assert "random on CartPole-v1 after 300 env steps: return" in out
+    returns = json.loads(out.split("returns: ")[1].splitlines()[0])
+    assert len(returns) == 3 and all(r >= 8 for r in returns)
+
+
+def test_plot_writes_png(random_run, tmp_path):
+    out = tmp_path / "curve.png"
+    run("plot.py", f"runs=[{random_run}]", f"out={out}", "metric=eval/return_mean")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_extends_a_finished_run(random_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(random_run, copy)
+    run("train.py", f"resume={copy}", "trainer.total_steps=450")
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [150, 300, 450]
+
+
+def test_user_errors_are_one_line(random_run, tmp_path):
+    proc = run("train.py", "trainer.totl_steps=5", ok=False)
+    assert proc.returncode != 0 and "totl_steps" in proc.stderr
+    proc = run("train.py", f"resume={random_run}", "env=atari", ok=False)
+    assert proc.returncode == 2
+    assert "cannot change config group 'env' when resuming" in proc.stderr
+    proc = run("eval.py", f"run={tmp_path}", ok=False)
+    assert proc.returncode == 2 and "is not a yume run directory" in proc.stderr
+    proc = run(
+        "train.py",
+        "agent=random",
+        "env.id=NoSuchEnv-v0",
+        f"run_dir={tmp_path / 'bad'}",
+        "logger.mode=disabled",
+        ok=False,
+    )
+    assert proc.returncode == 2 and "unknown env id 'NoSuchEnv-v0'" in proc.stderr
+    assert "Traceback" not in proc.stderr
