@@ -1,7 +1,8 @@
 """Speed of one agent/world-model preset on one device, measured the same way every time.
 
     python scripts/benchmark.py agent=dreamer env=cartpole preset=dreamer_xs
-    python scripts/benchmark.py env=atari preset=dreamer_s device=cuda bench.append=docs/benchmarks.md
+    python scripts/benchmark.py env=atari preset=dreamer_s device=cuda \
+        bench.append=docs/benchmarks.md
 
 Reports seconds per update (split into world model / imagination / actor-critic for agents built
 on a world model), imagined latent steps/s, env steps/s while collecting with policy inference
@@ -18,8 +19,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import _common
 import hydra
@@ -29,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents import make_agent
 from agents.replay import Replay
-from agents.trainer import select_device, seed_everything, to_torch
+from agents.trainer import seed_everything, select_device, to_torch
 from envs import make_vector_env
 
 
