@@ -23,13 +23,22 @@ from agents.config import check_choice
 class Logger:
     """Collects metrics between log points and writes them to every sink."""
 
-    def __init__(self, cfg: Any, run_dir: Path, total_steps: int, start_step: int = 0):
+    def __init__(
+        self,
+        cfg: Any,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+    ):
+        """``enabled=False`` (ranks other than 0) keeps the interface but writes nothing."""
         self.run_dir = Path(run_dir)
         self.mode = check_choice(cfg.logger, "mode", ["offline", "online", "disabled"], "logger.")
+        self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
         self._pending: dict[str, list] = defaultdict(list)
         self._wandb = None
-        if self.mode != "disabled":
+        if self.mode != "disabled" and enabled:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -46,7 +55,7 @@ class Logger:
                 resume="allow",
             )
         self._bar = None
-        if cfg.trainer.progress:
+        if cfg.trainer.progress and enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -91,8 +100,9 @@ class Logger:
         if extra:
             row.update(extra)
         row = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **row}) + "\n")
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **row}) + "\n")
         if self._wandb is not None:
             self._wandb.log(row, step=step)
         return row

@@ -19,6 +19,7 @@ from agents import make_agent
 from agents.base import Agent
 from agents.checkpoint import FORMAT, atomic_torch_save, checkpoint_path, load_checkpoint
 from agents.config import ConfigError, check_bool, check_int
+from agents.distributed import SINGLE, DistInfo, agent_modules, synchronise
 from agents.evaluate import evaluate
 from agents.logger import Logger
 from agents.replay import Replay
@@ -122,27 +123,44 @@ def validate_trainer(cfg: Any) -> None:
 
 
 class Trainer:
-    """Runs one training job in ``run_dir``; ``resume=True`` continues from its checkpoint."""
+    """Runs one training job in ``run_dir``; ``resume=True`` continues from its checkpoint.
 
-    def __init__(self, cfg: Any, run_dir: str | Path, resume: bool = False):
+    Under ``torchrun`` (``dist`` from agents/distributed.py) every rank collects with its own
+    envs into its own replay shard and gradients are averaged; rank 0 logs, evaluates and
+    checkpoints.
+    """
+
+    def __init__(
+        self, cfg: Any, run_dir: str | Path, resume: bool = False, dist: DistInfo = SINGLE
+    ):
         validate_trainer(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.dist = dist
         self.device = select_device(cfg.device)
-        seed_everything(cfg.seed)
+        if dist.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
+        if dist.world_size > 1 and resume:
+            raise ConfigError("resume is not supported under torchrun yet; resume on one process")
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        rank_seed = cfg.seed + 10_007 * dist.rank
         self.num_envs = cfg.env.num_envs
-        self.env = make_vector_env(cfg.env, self.num_envs, seed=cfg.seed)
+        self.env = make_vector_env(cfg.env, self.num_envs, seed=rank_seed)
         self.obs_space = self.env.single_observation_space
         self.action_space = self.env.single_action_space
         self.agent: Agent = make_agent(cfg, self.obs_space, self.action_space, self.device)
+        if dist.world_size > 1:
+            synchronise(agent_modules(self.agent), dist)
+            seed_everything(rank_seed)  # different exploration and sampling per rank
         self.replay = None
         if self.agent.learns:
+            shard = "replay" if dist.is_main else f"replay_rank{dist.rank}"
             self.replay = Replay(
                 capacity=cfg.trainer.replay_capacity,
                 num_envs=self.num_envs,
-                directory=self.run_dir / "replay",
+                directory=self.run_dir / shard,
                 chunk_size=cfg.trainer.replay_chunk,
-                seed=cfg.seed,
+                seed=rank_seed,
             )
         if hasattr(self.agent, "bind_env"):  # planners on the true simulator (MCTS)
             self.agent.bind_env(self.env)
@@ -153,7 +171,10 @@ class Trainer:
         self._reset_loop_state()
         if resume:
             self._restore()
-        self.logger = Logger(cfg, self.run_dir, cfg.trainer.total_steps, self.env_steps)
+        self.seed = rank_seed
+        self.logger = Logger(
+            cfg, self.run_dir, cfg.trainer.total_steps, self.env_steps, enabled=dist.is_main
+        )
         if resume and self._pending is not None:
             for key, values in self._pending.items():
                 self.logger._pending[key].extend(values)
@@ -161,7 +182,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- state
     def _reset_loop_state(self) -> None:
-        obs, _ = self.env.reset(seed=self.cfg.seed)
+        obs, _ = self.env.reset(seed=self.cfg.seed + 10_007 * self.dist.rank)
         n = self.num_envs
         self.obs = obs
         self.reward = np.zeros(n, np.float32)
@@ -181,8 +202,10 @@ class Trainer:
         except (NotImplementedError, TypeError, ValueError, AttributeError):
             return None
 
-    def save(self) -> Path:
-        """Checkpoint everything a resumed run needs (atomic write)."""
+    def save(self) -> Path | None:
+        """Checkpoint everything a resumed run needs (atomic write; rank 0 only)."""
+        if not self.dist.is_main:
+            return None
         if self.replay is not None:
             self.replay.flush()
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -346,7 +369,7 @@ class Trainer:
                 self._learn()
                 extra = {}
                 final = self.env_steps >= t.total_steps
-                if t.eval_episodes > 0 and (self._due(t.eval_every) or final):
+                if self.dist.is_main and t.eval_episodes > 0 and (self._due(t.eval_every) or final):
                     extra = self.evaluate()
                 if self._due(t.log_every) or final or extra:
                     extra.update(

@@ -44,9 +44,13 @@ class ToyAgent(Agent):
 
     def __init__(self, cfg, obs_space, action_space, device):
         dim = obs_space["vector"].shape[0]
-        self.w = torch.zeros(dim, action_space.n, requires_grad=True)
-        self.opt = torch.optim.Adam([self.w], lr=0.05)
-        self.acts = 0
+        self.net = torch.nn.Linear(dim, action_space.n, bias=False)  # a module: DDP finds it
+        torch.nn.init.zeros_(self.net.weight)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=0.05)
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self.net.weight.T  # [D, A]
 
     def act(self, obs, state, explore=True):
         logits = torch.from_numpy(obs["vector"]) @ self.w.detach()
@@ -71,7 +75,7 @@ class ToyAgent(Agent):
 
     def load_state_dict(self, state):
         with torch.no_grad():
-            self.w.copy_(state["w"])
+            self.net.weight.copy_(state["w"].T)
         self.opt.load_state_dict(state["opt"])
 
 
