@@ -75,6 +75,91 @@ def controller_act(
     return torch.tanh(out)
 
 
+# ---------------------------------------------------------------------------- CMA-ES state
+# The attributes of a ``cma.CMAEvolutionStrategy`` (cma 4.x) that ask/tell read or update:
+# (owner path, attribute). Saved as tensors (arrays) and primitives so controller.pt loads with
+# ``weights_only=True``; tests/test_world_models_agent.py checks that a restored ES asks the same
+# populations as one that never stopped.
+CMA_FIELDS = (
+    ("", "mean"), ("", "mean_after_tell"), ("", "sigma"), ("", "countiter"), ("", "countevals"),
+    ("", "pc"), ("", "pc2"), ("", "pc_neg"), ("", "itereigenupdated"), ("", "count_eigen"),
+    ("", "hsiglist"), ("", "_flgtelldone"), ("", "number_of_solutions_asked"),
+    ("adapt_sigma", "ps"), ("adapt_sigma", "is_initialized"),
+    ("adapt_sigma", "_ps_updated_iteration"), ("adapt_sigma", "delta"),
+    ("adapt_sigma", "_last_multiplier"),
+    ("sigma_vec", "scaling"),
+    ("sm", "C"), ("sm", "B"), ("sm", "D"), ("sm", "last_update"), ("sm", "count_tell"),
+    ("sm", "count_eigen"), ("sm", "_beta_diagonal_acceleration"), ("sm", "_corr_condition"),
+    ("sm", "_corr_condition_count_eigen"),
+    ("best", "x"), ("best", "f"), ("best", "evals"),
+)  # fmt: skip
+
+
+def _owner(es: Any, path: str) -> Any:
+    return getattr(es, path) if path else es
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    return value
+
+
+def cma_state(es: Any, rng: np.random.Generator) -> dict:
+    """CMA-ES state (``CMA_FIELDS``) + the sampling RNG as tensors and primitives.
+
+    The key names are ``owner.attribute`` (``sm.C`` the covariance matrix, ``sm.B``/``sm.D`` its
+    eigendecomposition, ``pc``/``adapt_sigma.ps`` the evolution paths, ``countiter`` the
+    generation counter). ``rng`` is the generator behind the ES's ``randn`` option.
+    """
+    out: dict[str, Any] = {}
+    for path, attr in CMA_FIELDS:
+        owner = _owner(es, path)
+        if owner is not None and hasattr(owner, attr):
+            out[f"{path}.{attr}" if path else attr] = _plain_value(getattr(owner, attr))
+    out["rng"] = _plain_rng(rng.bit_generator.state)
+    return out
+
+
+def _plain_rng(state: dict) -> dict:
+    """numpy bit-generator state with its (possibly 128-bit) ints as strings."""
+    return {
+        k: (_plain_rng(v) if isinstance(v, dict) else (str(v) if isinstance(v, int) else v))
+        for k, v in state.items()
+    }
+
+
+def _int_rng(state: dict) -> dict:
+    return {
+        k: (_int_rng(v) if isinstance(v, dict) else (int(v) if k != "bit_generator" else v))
+        for k, v in state.items()
+    }
+
+
+def cma_restore(es: Any, rng: np.random.Generator, state: dict) -> None:
+    """Put ``cma_state`` output back into a fresh ES built with the same options and ``rng``."""
+    for key, value in state.items():
+        if key == "rng":
+            continue
+        path, _, attr = key.rpartition(".")
+        owner = _owner(es, path)
+        old = getattr(owner, attr, None)
+        if isinstance(value, torch.Tensor):
+            value = value.numpy().copy()
+        elif isinstance(old, np.generic):
+            value = type(old)(value)
+        setattr(owner, attr, value)
+    rng.bit_generator.state = _int_rng(state["rng"])
+    if not hasattr(es, "timer"):  # made by the first ask(); ask() only ticks it later
+        from cma.utilities.utils import ElapsedWCTime
+
+        es.timer = ElapsedWCTime()
+
+
 # ---------------------------------------------------------------------------- config
 def validate(cfg: Any) -> dict[str, Any]:
     """Check ``cfg.agent`` (configs/agent/world_models.yaml); returns its plain values."""
@@ -694,8 +779,11 @@ class WorldModelsPipeline:
     def train_controller(self, iteration: int = 0) -> dict:
         """Stage 4: CMA-ES over the linear controller; saved after every generation.
 
-        Resuming restarts CMA-ES from the saved mean and step size (the covariance matrix is
-        not kept: stage files hold tensors only, so they load with ``weights_only=True``).
+        Resuming within an iteration restores the whole CMA-ES state (mean, step size,
+        covariance and its eigendecomposition, evolution paths, counters and the sampling RNG,
+        as tensors and primitives, see ``cma_state``), so a resumed run asks exactly the
+        populations an uninterrupted one would. A new iteration restarts CMA-ES from the last
+        controller's mean (the paper's iterative procedure).
         """
         import cma
 
@@ -704,16 +792,24 @@ class WorldModelsPipeline:
         size = controller_size(self.model.feature_dim, self.agent.action_dim)
         saved = self.load("controller")
         gen, history, x0, sigma = 0, [], np.zeros(size), o["controller.sigma0"]
+        resume = saved is not None and saved["iteration"] == iteration
         if saved is not None:
             x0 = saved["params"].double().numpy()
             history = [list(h) for h in saved["history"].tolist()]
-            if saved["iteration"] == iteration:
+            if resume:
                 gen, sigma = saved["generations_done"], float(saved["sigma"])
+        rng = np.random.default_rng(self.seed + 1 + 1000 * iteration)
         es = cma.CMAEvolutionStrategy(
             x0,
             sigma,
-            {"popsize": o["controller.population"], "seed": self.seed + gen + 1, "verbose": -9},
+            {
+                "popsize": o["controller.population"],
+                "randn": lambda *shape: rng.standard_normal(shape),
+                "verbose": -9,
+            },
         )
+        if resume and "cma" in saved:
+            cma_restore(es, rng, saved["cma"])
         pool = self._pool()
         try:
             while gen < o["controller.generations"]:
@@ -733,6 +829,7 @@ class WorldModelsPipeline:
                     ),
                     "sigma": float(es.sigma),
                     "history": torch.tensor(history, dtype=torch.float64),  # [G, 3] mean/max/min
+                    "cma": cma_state(es, rng),
                 }
                 atomic_torch_save(out, self.path("controller"))
                 self.log(

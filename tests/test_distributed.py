@@ -42,7 +42,10 @@ def _worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> Non
     trainer.run()
     batch = trainer.replay.sample(4, 8)
     torch.save(
-        {"w": trainer.agent.w.detach().contiguous(), "data": torch.from_numpy(batch["vector"]).sum()},
+        {
+            "w": trainer.agent.w.detach().contiguous(),
+            "data": torch.from_numpy(batch["vector"]).sum(),
+        },
         Path(out_dir) / f"rank{rank}.pt",
     )
     dist.destroy_process_group()
