@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agents import make_agent
+from agents.config import ConfigError
 from agents.replay import Replay
 from agents.trainer import seed_everything, select_device, to_torch
 from envs import make_vector_env
@@ -109,23 +110,32 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
     }
-    if agent.learns:
+    parts = set(bench.parts)
+    unknown = parts - {"replay", "update", "split", "collect"}
+    if unknown:
+        raise ConfigError(f"bench.parts has unknown entries {sorted(unknown)}")
+    if agent.learns and parts & {"replay", "update", "split"}:
         b, t = agent.batch_size, agent.seq_len
         result["batch"] = f"{b}x{t}"
         replay = fill_replay(env, agent, bench.replay_rows, num_envs, cfg.seed)
         result["replay_sample_ms"] = 1e3 * timed(
             lambda: replay.sample(b, t), bench.repeats * 5, bench.warmup, device
         )
+        result["replay_bytes_per_row"] = replay.nbytes / (len(replay) or 1)
         batch = to_torch(replay.sample(b, t), device)
-        result["update_s"] = timed(lambda: agent.update(batch), bench.repeats, bench.warmup, device)
-        if hasattr(agent, "world_model") and hasattr(agent, "actor_critic"):
+        if "update" in parts:
+            result["update_s"] = timed(
+                lambda: agent.update(batch), bench.repeats, bench.warmup, device
+            )
+        if "split" in parts and hasattr(agent, "world_model") and hasattr(agent, "actor_critic"):
             result.update(split_update(agent, batch, bench, device))
-    result["collect_steps_per_s"] = collection_rate(
-        env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True
-    )
-    result["raw_env_steps_per_s"] = collection_rate(
-        env, agent, bench.collect_steps, num_envs, cfg.seed, policy=False
-    )
+    if "collect" in parts:
+        result["collect_steps_per_s"] = collection_rate(
+            env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True
+        )
+        result["raw_env_steps_per_s"] = collection_rate(
+            env, agent, bench.collect_steps, num_envs, cfg.seed, policy=False
+        )
     result["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         result["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
