@@ -1,0 +1,399 @@
+"""The imagination actor-critic shared by every world model (DreamerV3's behaviour learning).
+
+Follows Hafner et al. 2023 ("Mastering Diverse Domains through World Models",
+arXiv:2301.04104, Sec. 3 "Actor Critic Learning") and the official code:
+
+- imagination: from every posterior state of a replay batch (N = B*T starts, or the last
+  ``imag_last`` of each sequence) roll the world model H steps with actions from the actor,
+  all N in one batched call per step (a Python loop over H only);
+- critic: an MLP whose output is a two-hot distribution over 255 bins in symlog space
+  (zero-initialised output, so it predicts 0 at first), trained by cross-entropy towards
+  λ-returns, plus a regulariser towards the prediction of a slow EMA copy of itself;
+- λ-returns (Eq. 7) with γ = 1 - 1/333 and λ = 0.95, cut by predicted continues;
+- return normalisation (Eq. 9): advantages divided by max(1, S), where S is the range between
+  the 5th and 95th percentiles of the λ-returns, tracked as an EMA with decay 0.99;
+- actor: REINFORCE on normalised advantages with entropy bonus η = 3e-4 (Eq. 8), for discrete
+  (categorical, 1% unimix) and continuous actions (Normal with tanh mean and sigmoid-bounded
+  std, the 2024 code's ``bounded_normal``); ``actor_grad: dynamics`` backpropagates returns
+  through the world model instead (the 2023 code's choice for continuous actions);
+- every loss term is weighted by w_t = γ^t ∏_{i<=t} c_i, so states after a predicted episode
+  end count for nothing.
+
+The update is written for speed: static shapes, no ``.item()``/``.cpu()``, no branching on
+tensor values, Gumbel-max sampling, metrics returned as tensors, fused (CUDA) or foreach
+(CPU) Adam. The world model's parameters never receive gradients from these losses.
+
+Shape symbols (docs/shapes.md): B batch, T sequence, N = number of imagination starts,
+H horizon, F feature size, A action size (one-hot size for discrete actions), K critic bins.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import gymnasium as gym
+import torch
+from torch import nn
+
+from agents.config import ConfigError, check_choice, check_float, check_int
+from world_models.base import State, WorldModel, flatten_state, state_map
+from world_models.distributions import TwoHot, onehot_mode, sample_onehot, unimix
+from world_models.networks import MLP, NORMS, init_dreamer_, zero_init_
+
+
+def lambda_return(
+    reward: torch.Tensor, cont: torch.Tensor, value: torch.Tensor, lam: float, gamma: float
+) -> torch.Tensor:
+    """λ-returns of imagined trajectories (DreamerV3 Eq. 7), pure.
+
+    All inputs are [N, H+1] over states s_0..s_H: ``reward[:, t]`` is received on arriving at
+    s_t (``reward[:, 0]`` is unused), ``cont[:, t]`` is the continue flag of s_t (0 when s_t is
+    terminal), ``value[:, t]`` the critic's value of s_t. Returns R [N, H] for s_0..s_{H-1}:
+
+        R_t = r_{t+1} + γ c_{t+1} ((1 - λ) v_{t+1} + λ R_{t+1}),    R_H = v_H.
+    """
+    disc = gamma * cont[:, 1:]  # [N, H]
+    interm = reward[:, 1:] + disc * (1.0 - lam) * value[:, 1:]  # [N, H]
+    ret = value[:, -1]  # [N]
+    rets = []
+    for t in reversed(range(disc.shape[1])):
+        ret = interm[:, t] + disc[:, t] * lam * ret
+        rets.append(ret)
+    return torch.stack(rets[::-1], 1)  # [N, H]
+
+
+class Moments(nn.Module):
+    """Percentile return normaliser (DreamerV3 Eq. 9): EMA of the 5th and 95th percentiles.
+
+    ``update(x)`` folds the percentiles of a batch into ``low``/``high`` (initially 0, no bias
+    correction, as in the official code); ``scale()`` is max(limit, high - low), the divisor
+    of advantages: returns spread over less than ``limit`` are not scaled up, so small noisy
+    rewards are not amplified, while large returns are scaled down to a unit range.
+    """
+
+    low: torch.Tensor
+    high: torch.Tensor
+
+    def __init__(
+        self,
+        decay: float = 0.99,
+        limit: float = 1.0,
+        perc_low: float = 5.0,
+        perc_high: float = 95.0,
+    ) -> None:
+        super().__init__()
+        self.decay, self.limit = decay, limit
+        self.q_low, self.q_high = perc_low / 100.0, perc_high / 100.0
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+        self.register_buffer("qs", torch.tensor([self.q_low, self.q_high]), persistent=False)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().flatten().float()  # [M]
+        q = torch.quantile(x, self.qs.to(x.dtype))  # [2]
+        self.low.lerp_(q[0], 1.0 - self.decay)
+        self.high.lerp_(q[1], 1.0 - self.decay)
+
+    def scale(self) -> torch.Tensor:
+        return torch.clamp(self.high - self.low, min=self.limit)  # []
+
+
+def _adam(params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Adam:
+    """Adam that a CUDA graph can capture (fused) on GPU, multi-tensor (foreach) on CPU."""
+    if params and params[0].is_cuda:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True, capturable=True)
+    return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+
+
+class ActorCritic(nn.Module):
+    """Actor, critic and slow critic learning inside any WorldModel. See the module docstring.
+
+    cfg is the agent's config subtree (``agent.*``); ``feature_dim`` is the world model's F;
+    ``action_space`` a gymnasium Discrete or 1-D Box (actions in [-1, 1]).
+    """
+
+    def __init__(
+        self, cfg: Any, feature_dim: int, action_space: gym.Space, prefix: str = "agent."
+    ) -> None:
+        super().__init__()
+        p = prefix
+        self.horizon = check_int(cfg, "imag_horizon", p)
+        self.imag_last = check_int(cfg, "imag_last", p, low=0)
+        self.gamma = check_float(cfg, "gamma", p, 0.0, 1.0)
+        self.lam = check_float(cfg, "lam", p, 0.0, 1.0)
+        self.entropy_scale = check_float(cfg, "entropy", p, 0.0)
+        self.actor_grad = check_choice(cfg, "actor_grad", ("reinforce", "dynamics"), p)
+        self.imag_cont = check_choice(cfg, "imag_cont", ("mode", "mean"), p)
+        self.slow_reg = check_float(cfg, "slow_reg", p, 0.0)
+        self.critic_ema = check_float(cfg, "critic_ema", p, 0.0, 1.0)
+        rn = "return_norm."
+        decay = check_float(cfg, rn + "decay", p, 0.0, 1.0)
+        limit = check_float(cfg, rn + "limit", p, 0.0)
+        perc_low = check_float(cfg, rn + "perc_low", p, 0.0, 100.0)
+        perc_high = check_float(cfg, rn + "perc_high", p, 0.0, 100.0)
+        if not perc_high > perc_low:
+            raise ConfigError(f"{p}{rn}perc_high must be > {p}{rn}perc_low")
+        bins = check_int(cfg, "critic.bins", p, low=2)
+        low = check_float(cfg, "critic.low", p)
+        high = check_float(cfg, "critic.high", p)
+        if not high > low:
+            raise ConfigError(f"{p}critic.high must be > {p}critic.low, got {high} <= {low}")
+        actor_cfg = {
+            k: check_float(cfg, f"actor.{k}", p, 0.0)
+            for k in ("lr", "eps", "grad_clip", "unimix", "min_std", "max_std", "outscale")
+        }
+        critic_cfg = {
+            k: check_float(cfg, f"critic.{k}", p, 0.0) for k in ("lr", "eps", "grad_clip")
+        }
+        if actor_cfg["unimix"] > 1.0:
+            raise ConfigError(f"{p}actor.unimix must be in [0, 1], got {actor_cfg['unimix']}")
+        if not actor_cfg["max_std"] > actor_cfg["min_std"]:
+            raise ConfigError(f"{p}actor.max_std must be > {p}actor.min_std")
+
+        if isinstance(action_space, gym.spaces.Discrete):
+            self.discrete = True
+            self.action_dim = int(action_space.n)
+            out_dim = self.action_dim  # logits [A]
+        elif isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+            self.discrete = False
+            self.action_dim = int(action_space.shape[0])
+            out_dim = 2 * self.action_dim  # mean and std pre-activations [2A]
+        else:
+            raise ValueError(
+                f"the actor-critic supports Discrete and 1-D Box action spaces, got {action_space}"
+            )
+        self.unimix = actor_cfg["unimix"]
+        self.min_std, self.max_std = actor_cfg["min_std"], actor_cfg["max_std"]
+        self.actor_clip = actor_cfg["grad_clip"]
+        self.critic_clip = critic_cfg["grad_clip"]
+
+        def mlp(name: str, out: int) -> MLP:
+            units = check_int(cfg, f"{name}.units", p)
+            layers = check_int(cfg, f"{name}.layers", p, low=0)
+            norm = check_choice(cfg, f"{name}.norm", NORMS, p)
+            return MLP(feature_dim, out, units, layers, norm)
+
+        self.actor = mlp("actor", out_dim)
+        self.critic = mlp("critic", bins)
+        init_dreamer_(self.actor)
+        init_dreamer_(self.critic)
+        with torch.no_grad():  # small initial policy logits: near-uniform, exploratory actions
+            self.actor.out.weight.mul_(actor_cfg["outscale"])
+        zero_init_(self.critic.out)  # the critic predicts exactly 0 at first
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.twohot = TwoHot(bins, low, high)
+        self.moments = Moments(decay, limit, perc_low, perc_high)
+        self._opt_cfg = (actor_cfg, critic_cfg)
+        self.actor_opt: torch.optim.Adam | None = None
+        self.critic_opt: torch.optim.Adam | None = None
+
+    def _optimisers(self) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+        # built on first use, once the module is on its device (fused Adam needs CUDA params)
+        if self.actor_opt is None or self.critic_opt is None:
+            actor_cfg, critic_cfg = self._opt_cfg
+            self.actor_opt = _adam(list(self.actor.parameters()), actor_cfg["lr"], actor_cfg["eps"])
+            self.critic_opt = _adam(
+                list(self.critic.parameters()), critic_cfg["lr"], critic_cfg["eps"]
+            )
+        return self.actor_opt, self.critic_opt
+
+    # ------------------------------------------------------------------ policy
+    def policy(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distribution parameters of π(a | s) for features [..., F].
+
+        Discrete: (unimixed log-probs [..., A], same). Continuous: (mean [..., A] in (-1, 1),
+        std [..., A] in (min_std, max_std)).
+        """
+        out = self.actor(feat)  # [..., A] or [..., 2A]
+        if self.discrete:
+            logp = unimix(out, self.unimix)  # [..., A]
+            return logp, logp
+        mean, std = out.chunk(2, -1)  # [..., A] each
+        std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+        return torch.tanh(mean), std
+
+    def sample(
+        self, params: tuple[torch.Tensor, torch.Tensor], explore: bool = True
+    ) -> torch.Tensor:
+        """An action [..., A] (one-hot for discrete, unclipped Normal sample for continuous).
+
+        Discrete samples are Gumbel-max with straight-through gradients; continuous ones are
+        reparameterised. ``explore=False`` gives the mode.
+        """
+        a, b = params
+        if self.discrete:
+            st = torch.is_grad_enabled()  # exact one-hots when no gradient is wanted
+            return sample_onehot(a, st) if explore else onehot_mode(a, st)
+        if not explore:
+            return a
+        return a + b * torch.randn_like(a)
+
+    def log_prob(self, params: tuple[torch.Tensor, torch.Tensor], action: torch.Tensor):
+        """log π(a | s): [...]. ``action`` is one-hot [..., A] or continuous [..., A]."""
+        a, b = params
+        if self.discrete:
+            return (a * action).sum(-1)
+        z = (action - a) / b
+        return (-0.5 * z.square() - b.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """H[π(· | s)]: [...] (summed over action dims for continuous actions)."""
+        a, b = params
+        if self.discrete:
+            return -(a.exp() * a).sum(-1)
+        return (0.5 + 0.5 * math.log(2 * math.pi) + b.log()).sum(-1)
+
+    def act(self, feat: torch.Tensor, explore: bool = True) -> torch.Tensor:
+        """World-model action [N, A] for features [N, F]: one-hot, or clipped to [-1, 1]."""
+        action = self.sample(self.policy(feat), explore)
+        return action if self.discrete else action.clamp(-1.0, 1.0)
+
+    def value(self, feat: torch.Tensor, slow: bool = False) -> torch.Tensor:
+        """Critic's expected return in real units: [..., F] -> [...]."""
+        net = self.slow_critic if slow else self.critic
+        return self.twohot.decode(net(feat))
+
+    # ------------------------------------------------------------------ imagination
+    def imagine(self, world_model: WorldModel, start: State, horizon: int) -> dict[str, Any]:
+        """Roll every start state H steps in the world model with the actor's actions.
+
+        start: states [N, ...] (already flat and detached). Returns ``feat`` [N, H+1, F] for
+        s_0..s_H, ``action`` [N, H, A] taken at s_0..s_{H-1}, ``reward`` [N, H+1] and
+        ``cont`` [N, H+1] predicted on arriving at s_t (index 0 is filled by the caller).
+        Gradients flow through the dynamics into the actions only when the caller has grad
+        enabled (``actor_grad: dynamics``); the actor always reads detached features.
+        """
+        state = start
+        feat = world_model.features(state)  # [N, F]
+        feats, actions, rewards, conts = [feat], [], [], []
+        for _ in range(horizon):
+            action = self.sample(self.policy(feat.detach()))  # [N, A]
+            if not self.discrete:
+                action = action.clamp(-1.0, 1.0)  # the env's range
+            state, reward, cont = world_model.imagine_step(state, action)
+            feat = world_model.features(state)  # [N, F]
+            feats.append(feat)
+            actions.append(action)
+            rewards.append(reward)
+            conts.append(cont)
+        zero = torch.zeros_like(rewards[0])  # [N]
+        return {
+            "feat": torch.stack(feats, 1),  # [N, H+1, F]
+            "action": torch.stack(actions, 1),  # [N, H, A]
+            "reward": torch.stack([zero, *rewards], 1),  # [N, H+1]
+            "cont": torch.stack([zero, *conts], 1),  # [N, H+1]
+        }
+
+    # ------------------------------------------------------------------ learning
+    def _starts(self, start: State, start_is_terminal: torch.Tensor) -> tuple[State, torch.Tensor]:
+        """Posterior states [B, T, ...] -> N detached starts (the last ``imag_last`` per row)."""
+        if self.imag_last > 0:
+            k = self.imag_last
+            start = state_map(start, lambda v: v[:, -k:])
+            start_is_terminal = start_is_terminal[:, -k:]
+        start = state_map(flatten_state(start, 2), lambda v: v.detach())  # [N, ...]
+        return start, start_is_terminal.reshape(-1)  # [N]
+
+    def update(
+        self, world_model: WorldModel, start: State, start_is_terminal: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One actor and critic step on imagined trajectories from posterior states [B, T, ...].
+
+        start_is_terminal bool [B, T]. Returns metrics as detached 0-d tensors.
+        """
+        actor_opt, critic_opt = self._optimisers()
+        start, is_terminal = self._starts(start, start_is_terminal)
+        dynamics = self.actor_grad == "dynamics"
+        with torch.set_grad_enabled(dynamics):
+            traj = self.imagine(world_model, start, self.horizon)
+            cont = traj["cont"]  # [N, H+1]
+            if self.imag_cont == "mode":
+                cont = (cont > 0.5).to(cont.dtype)
+            cont = torch.cat([1.0 - is_terminal.to(cont.dtype)[:, None], cont[:, 1:]], 1)
+            feat = traj["feat"]  # [N, H+1, F]
+            value = self.value(feat)  # [N, H+1]; grads reach the features only in dynamics mode
+            ret = lambda_return(traj["reward"], cont, value, self.lam, self.gamma)  # [N, H]
+        cont = cont.detach()
+        # w_t = γ^t ∏_{i<=t} c_i: nothing after a predicted episode end counts
+        weight = torch.cumprod(self.gamma * cont, 1)[:, :-1] / self.gamma  # [N, H]
+        self.moments.update(ret)
+        scale = self.moments.scale()  # []
+        adv = (ret - value[:, :-1]) / scale  # [N, H]
+
+        # actor (Eq. 8): REINFORCE or dynamics backprop, plus entropy, both on the normalised scale
+        sfeat = feat[:, :-1].detach()  # [N, H, F]
+        params = self.policy(sfeat)
+        entropy = self.entropy(params)  # [N, H]
+        if dynamics:
+            pg = -adv
+        else:
+            pg = -self.log_prob(params, traj["action"].detach()) * adv.detach()
+        actor_loss = ((pg - self.entropy_scale * entropy) * weight).mean()
+
+        # critic: two-hot cross-entropy to the λ-return plus the slow-critic regulariser
+        logits = self.critic(sfeat)  # [N, H, K]
+        target = ret.detach()  # [N, H]
+        with torch.no_grad():
+            slow_target = self.value(sfeat, slow=True)  # [N, H]
+        critic_loss = self.twohot.loss(logits, target) + self.slow_reg * self.twohot.loss(
+            logits, slow_target
+        )
+        critic_loss = (critic_loss * weight).mean()
+
+        actor_params = list(self.actor.parameters())
+        critic_params = list(self.critic.parameters())
+        actor_opt.zero_grad(set_to_none=True)
+        critic_opt.zero_grad(set_to_none=True)
+        # ``inputs`` restricts gradients to the learner's own parameters: the world model (and,
+        # for the actor loss in dynamics mode, the critic) get none, and their weight-gradient
+        # kernels are skipped by autograd.
+        actor_loss.backward(inputs=actor_params)
+        critic_loss.backward(inputs=critic_params)
+        actor_norm = nn.utils.clip_grad_norm_(actor_params, self.actor_clip, foreach=True)
+        critic_norm = nn.utils.clip_grad_norm_(critic_params, self.critic_clip, foreach=True)
+        actor_opt.step()
+        critic_opt.step()
+        self.update_slow_critic()
+
+        with torch.no_grad():
+            return {
+                "actor_loss": actor_loss.detach(),
+                "critic_loss": critic_loss.detach(),
+                "actor_entropy": entropy.detach().mean(),
+                "actor_grad_norm": actor_norm,
+                "critic_grad_norm": critic_norm,
+                "imag_return": ret.detach().mean(),
+                "imag_reward": traj["reward"][:, 1:].detach().mean(),
+                "imag_cont": cont[:, 1:].mean(),
+                "imag_value": value.detach().mean(),
+                "adv_mag": adv.detach().abs().mean(),
+                "return_scale": scale,
+                "return_low": self.moments.low.clone(),
+                "return_high": self.moments.high.clone(),
+            }
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        """slow <- decay * slow + (1 - decay) * critic (every update, decay 0.98)."""
+        slow = list(self.slow_critic.parameters())
+        fast = list(self.critic.parameters())
+        torch._foreach_lerp_(slow, fast, 1.0 - self.critic_ema)
+
+    # ------------------------------------------------------------------ checkpoints
+    def learner_state_dict(self) -> dict:
+        """Weights, slow critic, normaliser and both optimisers (tensors and primitives only)."""
+        actor_opt, critic_opt = self._optimisers()
+        return {
+            "modules": self.state_dict(),
+            "actor_opt": actor_opt.state_dict(),
+            "critic_opt": critic_opt.state_dict(),
+        }
+
+    def load_learner_state_dict(self, state: dict) -> None:
+        self.load_state_dict(state["modules"])
+        actor_opt, critic_opt = self._optimisers()
+        actor_opt.load_state_dict(state["actor_opt"])
+        critic_opt.load_state_dict(state["critic_opt"])

@@ -1,0 +1,153 @@
+"""Dreamer: a world model learned from replay plus an actor-critic trained inside it.
+
+Reads like DreamerV3's algorithm (Hafner et al. 2023, arXiv:2301.04104, Sec. 2-3):
+
+1. act: filter the latent state with each real observation, h_t, z_t ~ q(z_t | h_t, x_t),
+   and sample a_t ~ π(a_t | s_t) (the mode when evaluating);
+2. update: on a replayed batch [B, T], train the world model (paper Eq. 4-5, its own Adam
+   and gradient clipping), then train the actor and critic on H-step dreams started from
+   every detached posterior state (agents/actor_critic.py).
+
+``world_model=rssm`` gives DreamerV3; any other WorldModel (``world_model.name``) plugs into the
+same agent. Build with ``DreamerAgent(cfg, obs_space, action_space, device)``, cfg being the full
+config (``cfg.agent`` and ``cfg.world_model`` are read).
+
+Shape symbols (docs/shapes.md): N parallel envs, B batch, T sequence, A action size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents.actor_critic import ActorCritic, _adam
+from agents.base import Agent
+from agents.config import check_float, check_int
+from world_models import make_world_model
+from world_models.base import State
+
+OBS_KEYS = ("image", "vector")
+
+
+class DreamerAgent(Agent):
+    """World model + imagination actor-critic. See the module docstring.
+
+    The acting state is ``{"latent": State [N, ...], "action": float [N, A]}`` (the previous
+    action as the world model sees it: one-hot or in [-1, 1]).
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        obs_space: gym.spaces.Dict,
+        action_space: gym.Space,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.batch_size = check_int(cfg.agent, "batch_size", "agent.")
+        self.seq_len = check_int(cfg.agent, "seq_len", "agent.")
+        if isinstance(action_space, gym.spaces.Discrete):
+            self.discrete, self.action_dim = True, int(action_space.n)
+            self.action_start = int(action_space.start)
+        elif isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+            self.discrete, self.action_dim = False, int(action_space.shape[0])
+            self.action_start = 0
+        else:
+            raise ValueError(
+                f"Dreamer supports Discrete and 1-D Box action spaces, got {action_space}"
+            )
+        wm_cfg = cfg.world_model
+        self.world_model = make_world_model(wm_cfg, obs_space, self.action_dim).to(self.device)
+        self.obs_keys = [k for k in OBS_KEYS if k in obs_space.spaces]
+        self.actor_critic = ActorCritic(cfg.agent, self.world_model.feature_dim, action_space).to(
+            self.device
+        )
+        p = "world_model."
+        self.model_clip = check_float(wm_cfg, "grad_clip", p, 0.0)
+        self.model_opt = _adam(
+            list(self.world_model.parameters()),
+            check_float(wm_cfg, "lr", p, 0.0),
+            check_float(wm_cfg, "eps", p, 0.0),
+        )
+
+    # ------------------------------------------------------------------ acting
+    def _initial_state(self, n: int) -> dict[str, Any]:
+        latent = self.world_model.initial(n)
+        action = torch.zeros(n, self.action_dim, device=self.device)  # [N, A]
+        return {"latent": latent, "action": action}
+
+    @torch.no_grad()
+    def act(
+        self, obs: dict[str, np.ndarray], state: Any, explore: bool = True
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Filter the latent with ``obs`` (values [N, ...], ``is_first`` [N]) and pick actions.
+
+        Returns env actions (int64 [N] for Discrete, float32 [N, A] in [-1, 1] for Box) and the
+        new state. Images stay uint8 until the encoder.
+        """
+        is_first = torch.as_tensor(np.asarray(obs["is_first"]), device=self.device).bool()  # [N]
+        n = is_first.shape[0]
+        x = {k: torch.as_tensor(np.asarray(obs[k]), device=self.device) for k in self.obs_keys}
+        if state is None:
+            state = self._initial_state(n)
+        latent = {k: v.to(self.device) for k, v in state["latent"].items()}
+        prev_action = state["action"].to(self.device)  # [N, A]
+        latent = self.world_model.observe_step(latent, prev_action, x, is_first)
+        feat = self.world_model.features(latent)  # [N, F]
+        action = self.actor_critic.act(feat, explore).detach()  # [N, A]
+        if self.discrete:
+            env_action = action.argmax(-1).cpu().numpy().astype(np.int64) + self.action_start
+        else:
+            env_action = action.cpu().numpy().astype(np.float32)
+        return env_action, {"latent": latent, "action": action}
+
+    # ------------------------------------------------------------------ learning
+    def _model_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Replay actions -> world-model actions [B, T, A] (one-hot for discrete)."""
+        if self.discrete:
+            return F.one_hot(action.long() - self.action_start, self.action_dim).float()
+        return action.float().reshape(*action.shape[:2], self.action_dim)
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """World-model step then actor-critic step on a replay batch [B, T, ...]."""
+        data = {k: batch[k] for k in self.obs_keys}
+        data["action"] = self._model_action(batch["action"])  # [B, T, A]
+        data["reward"] = batch["reward"].float()  # [B, T]
+        data["is_first"] = batch["is_first"].bool()  # [B, T]
+        data["is_terminal"] = batch["is_terminal"].bool()  # [B, T]
+
+        loss, metrics, post = self.world_model.loss(data)
+        self.model_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.world_model.parameters())
+        metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(params, self.model_clip, foreach=True)
+        self.model_opt.step()
+
+        start: State = {k: v.detach() for k, v in post.items()}  # [B, T, ...]
+        metrics.update(self.actor_critic.update(self.world_model, start, data["is_terminal"]))
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """World model, actor-critic (with slow critic and return normaliser), all optimisers."""
+        return {
+            "world_model": self.world_model.state_dict(),
+            "model_opt": self.model_opt.state_dict(),
+            "actor_critic": self.actor_critic.learner_state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.world_model.load_state_dict(state["world_model"])
+            self.model_opt.load_state_dict(state["model_opt"])
+            self.actor_critic.load_learner_state_dict(state["actor_critic"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(
+                "the checkpoint does not match this Dreamer agent (different world_model.* / "
+                f"agent.* sizes, action space or observation keys?): {e}"
+            ) from e

@@ -1,0 +1,189 @@
+"""DreamerAgent: acting, updating and checkpoints with the RSSM world model (tiny sizes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from agents.actor_critic import ActorCritic
+from agents.dreamer import DreamerAgent
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+VECTOR = gym.spaces.Dict({"vector": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)})
+IMAGE = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)})
+DISCRETE = gym.spaces.Discrete(2)
+BOX = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+
+def full_cfg(**overrides):
+    cfg = OmegaConf.create(
+        {
+            "agent": OmegaConf.load(CONFIGS / "agent" / "dreamer.yaml"),
+            "world_model": OmegaConf.load(CONFIGS / "world_model" / "rssm.yaml"),
+        }
+    )
+    tiny = {
+        "agent.batch_size": 3,
+        "agent.seq_len": 5,
+        "agent.imag_horizon": 4,
+        "agent.actor.units": 16,
+        "agent.actor.layers": 1,
+        "agent.critic.units": 16,
+        "agent.critic.layers": 1,
+        "world_model.deter": 16,
+        "world_model.stoch": 4,
+        "world_model.classes": 4,
+        "world_model.units": 16,
+        "world_model.cnn_depth": 4,
+    }
+    for key, value in {**tiny, **overrides}.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def fake_obs(space: gym.spaces.Dict, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    obs = {}
+    if "vector" in space.spaces:
+        obs["vector"] = rng.normal(size=(n, 4)).astype(np.float32)
+    if "image" in space.spaces:
+        obs["image"] = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    return obs
+
+
+def fake_batch(agent: DreamerAgent, space: gym.spaces.Dict, action_space, seed: int = 0):
+    b, t = agent.batch_size, agent.seq_len
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        k: torch.from_numpy(v.reshape(b, t, *v.shape[1:]))
+        for k, v in fake_obs(space, b * t, seed).items()
+    }
+    if isinstance(action_space, gym.spaces.Discrete):
+        batch["action"] = torch.randint(0, action_space.n, (b, t), generator=g)  # int64 as stored
+    else:
+        batch["action"] = torch.rand(b, t, action_space.shape[0], generator=g) * 2 - 1
+    batch["reward"] = torch.rand(b, t, generator=g)
+    batch["is_first"] = torch.zeros(b, t, dtype=torch.bool)
+    batch["is_first"][:, 0] = True
+    batch["is_terminal"] = torch.zeros(b, t, dtype=torch.bool)
+    batch["is_terminal"][0, -1] = True
+    return batch
+
+
+def test_properties_from_config():
+    agent = DreamerAgent(full_cfg(), VECTOR, DISCRETE, "cpu")
+    assert (agent.batch_size, agent.seq_len) == (3, 5)
+    assert isinstance(agent.actor_critic, ActorCritic)
+
+
+@pytest.mark.parametrize("obs_space", [VECTOR, IMAGE], ids=["vector", "image"])
+def test_act_discrete(obs_space):
+    agent = DreamerAgent(full_cfg(), obs_space, DISCRETE, "cpu")
+    obs = {**fake_obs(obs_space, 4), "is_first": np.ones(4, bool)}
+    action, state = agent.act(obs, None)
+    assert action.dtype == np.int64 and action.shape == (4,)
+    assert ((action >= 0) & (action < 2)).all()
+    assert state["action"].shape == (4, 2)
+    assert state["latent"]["deter"].shape == (4, 16)
+    obs["is_first"][:] = False
+    action, state = agent.act(obs, state, explore=False)
+    assert action.shape == (4,)
+    assert torch.equal(state["action"].sum(-1), torch.ones(4))
+
+
+def test_act_continuous():
+    agent = DreamerAgent(full_cfg(), VECTOR, BOX, "cpu")
+    obs = {**fake_obs(VECTOR, 5), "is_first": np.ones(5, bool)}
+    action, state = agent.act(obs, None)
+    assert action.dtype == np.float32 and action.shape == (5, 3)
+    assert np.abs(action).max() <= 1.0
+    action, _ = agent.act({**obs, "is_first": np.zeros(5, bool)}, state, explore=False)
+    assert np.abs(action).max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "obs_space,action_space",
+    [(VECTOR, DISCRETE), (IMAGE, DISCRETE), (VECTOR, BOX)],
+    ids=["vector-discrete", "image-discrete", "vector-continuous"],
+)
+def test_update_trains_every_part(obs_space, action_space):
+    agent = DreamerAgent(full_cfg(), obs_space, action_space, "cpu")
+    parts = [agent.world_model, agent.actor_critic.actor, agent.actor_critic.critic]
+    before = [[p.detach().clone() for p in m.parameters()] for m in parts]
+    metrics = agent.update(fake_batch(agent, obs_space, action_space))
+    for module, old in zip(parts, before):
+        assert any(not torch.equal(a, b) for a, b in zip(old, module.parameters()))
+    for key in ("model_loss", "model_grad_norm", "actor_loss", "critic_loss", "imag_return"):
+        assert key in metrics
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
+    torch.manual_seed(1)
+    agent = DreamerAgent(full_cfg(), VECTOR, DISCRETE, "cpu")
+    agent.update(fake_batch(agent, VECTOR, DISCRETE))
+    torch.save(agent.state_dict(), tmp_path / "agent.pt")
+    torch.manual_seed(2)
+    other = DreamerAgent(full_cfg(), VECTOR, DISCRETE, "cpu")
+    other.load_state_dict(torch.load(tmp_path / "agent.pt", weights_only=True))
+
+    def rollout(a: DreamerAgent) -> list[np.ndarray]:
+        torch.manual_seed(3)  # the posterior sample is stochastic; same seed, same draws
+        state, actions = None, []
+        for step in range(6):
+            obs = {**fake_obs(VECTOR, 8, seed=step), "is_first": np.full(8, step == 0)}
+            action, state = a.act(obs, state, explore=False)
+            actions.append(action)
+        return actions
+
+    for x, y in zip(rollout(agent), rollout(other)):
+        assert np.array_equal(x, y)
+    a, b = agent.state_dict(), other.state_dict()
+    assert torch.equal(
+        a["actor_critic"]["modules"]["moments.high"], b["actor_critic"]["modules"]["moments.high"]
+    )
+    assert a["model_opt"]["state"][0]["step"] == b["model_opt"]["state"][0]["step"] == 1
+    # training continues from the restored optimiser state identically
+    batch = fake_batch(agent, VECTOR, DISCRETE, seed=5)
+    torch.manual_seed(4)
+    m1 = agent.update(batch)
+    torch.manual_seed(4)
+    m2 = other.update(batch)
+    for key in m1:
+        torch.testing.assert_close(m1[key], m2[key])
+
+
+def test_mismatched_checkpoint_is_a_clear_error():
+    agent = DreamerAgent(full_cfg(), VECTOR, DISCRETE, "cpu")
+    bigger = DreamerAgent(full_cfg(**{"world_model.deter": 32}), VECTOR, DISCRETE, "cpu")
+    with pytest.raises(ValueError, match="does not match this Dreamer agent"):
+        bigger.load_state_dict(agent.state_dict())
+
+
+def test_unsupported_action_space():
+    with pytest.raises(ValueError, match="Discrete and 1-D Box"):
+        DreamerAgent(full_cfg(), VECTOR, gym.spaces.MultiDiscrete([2, 3]), "cpu")
+
+
+@pytest.mark.parametrize("grad", ["reinforce", "dynamics"])
+def test_rssm_imagination_shapes_and_no_model_gradients(grad):
+    agent = DreamerAgent(full_cfg(**{"agent.actor_grad": grad}), VECTOR, BOX, "cpu")
+    batch = fake_batch(agent, VECTOR, BOX)
+    data = {**batch, "action": batch["action"].float()}
+    _, _, post = agent.world_model.loss(data)
+    start = {k: v.detach() for k, v in post.items()}  # [B, T, ...]
+    flat, _ = agent.actor_critic._starts(start, batch["is_terminal"])
+    with torch.no_grad():
+        traj = agent.actor_critic.imagine(agent.world_model, flat, horizon=4)
+    n, f = 3 * 5, agent.world_model.feature_dim
+    assert traj["feat"].shape == (n, 5, f)
+    assert traj["action"].shape == (n, 4, 3)
+    assert traj["reward"].shape == traj["cont"].shape == (n, 5)
+    agent.actor_critic.update(agent.world_model, start, batch["is_terminal"])
+    assert all(p.grad is None for p in agent.world_model.parameters())
