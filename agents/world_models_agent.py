@@ -84,6 +84,8 @@ CMA_FIELDS = (
     ("", "mean"), ("", "mean_after_tell"), ("", "sigma"), ("", "countiter"), ("", "countevals"),
     ("", "pc"), ("", "pc2"), ("", "pc_neg"), ("", "itereigenupdated"), ("", "count_eigen"),
     ("", "hsiglist"), ("", "_flgtelldone"), ("", "number_of_solutions_asked"),
+    ("", "mean_old"), ("", "mean_old_old"), ("", "_sigma_old"), ("", "_isotropic_mean_shift"),
+    ("", "evaluations_per_f_value"), ("", "number_of_injections"),
     ("adapt_sigma", "ps"), ("adapt_sigma", "is_initialized"),
     ("adapt_sigma", "_ps_updated_iteration"), ("adapt_sigma", "delta"),
     ("adapt_sigma", "_last_multiplier"),
@@ -741,7 +743,7 @@ class WorldModelsPipeline:
             z_gen = torch.Generator().manual_seed(base)
             obs0 = self.initial_obs
             pick = torch.randint(0, len(next(iter(obs0.values()))), (r,), generator=z_gen)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), torch.no_grad():  # z0 goes to workers
                 torch.manual_seed(base)
                 z0 = self.model.encode({k: v[pick] for k, v in obs0.items()})  # [R, Z]
             tasks = [

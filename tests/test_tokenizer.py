@@ -115,6 +115,26 @@ def test_dead_code_count_after_unused_batches():
     assert torch.isclose(m["tokenizer/codebook_perplexity"], (-(p * p.log()).sum()).exp())
 
 
+def test_dead_codes_restart_on_encoder_outputs():
+    """A collapsed codebook (one code for every frame) is revived by restarts."""
+    tok = make_tokenizer(dead_code_after=1, restart_dead_codes=True)
+    images = squares(8, 64)
+    with torch.no_grad():
+        tok.codebook.weight.zero_()
+        tok.codebook.weight[0] = 10.0  # far away: never chosen, like a collapsed codebook
+        z = tok.encoder(tok.preprocess(images))  # [8, E, 4, 4]
+    assert tok.encode(images).unique().numel() == 1
+    tok.loss(images)  # every code but the chosen one is dead after one batch: restarted
+    flat = z.permute(0, 2, 3, 1).reshape(-1, tok.embed_dim)
+    book = tok.codebook.weight.detach()
+    moved = (book[:, None] - flat[None]).abs().amax(-1).min(1).values < 1e-5  # [V]
+    assert moved.sum() >= tok.vocab_size - 1
+    assert tok.encode(images).unique().numel() > 1
+    assert (tok.code_age == 0).all()
+    with pytest.raises(ConfigError, match="restart_dead_codes"):
+        make_tokenizer(restart_dead_codes="yes")
+
+
 def test_perceptual_loss_without_weights_is_a_clear_error():
     with pytest.raises(ConfigError, match="perceptual_weights"):
         make_tokenizer(perceptual_weight=1.0)

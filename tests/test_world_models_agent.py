@@ -186,6 +186,14 @@ def test_dream_returns_shapes_and_dream_mode(tmp_path):
     torch.testing.assert_close(returns[0], returns[1])
 
 
+def test_dream_mode_with_worker_processes(tmp_path):
+    """The dream's start codes cross process boundaries (they must not carry autograd)."""
+    cfg = _cfg(controller={"mode": "dream", "workers": 2, "start_method": "fork", "generations": 1})
+    pipe = WorldModelsPipeline(cfg, tmp_path, env_fn=sign_env, log=lambda s: None)
+    pipe.run()
+    assert pipe.load("controller")["generations_done"] == 1
+
+
 def test_agent_acts_updates_and_round_trips():
     cfg = _cfg()
     env = SignEnv()
@@ -225,3 +233,63 @@ def test_bad_config_names_the_key():
     cfg.world_model.name = "rssm"
     with pytest.raises(ConfigError, match="world_model=vae_mdnrnn"):
         WorldModelsAgent(cfg, env.observation_space, env.action_space, "cpu")
+
+
+def test_cma_state_round_trip_gives_the_same_populations():
+    """cma_state -> torch.save -> load(weights_only) -> cma_restore: identical next asks."""
+    import io
+
+    import cma
+
+    from agents.world_models_agent import cma_restore, cma_state
+
+    def make(seed):
+        rng = np.random.default_rng(seed)
+        opts = {"popsize": 8, "verbose": -9, "randn": lambda *s: rng.standard_normal(s)}
+        return cma.CMAEvolutionStrategy(np.zeros(12), 0.3, opts), rng
+
+    def f(x):
+        return float(np.sum((x - 1.0) ** 2 * np.arange(1, 13)))
+
+    es, _ = make(0)
+    pops = []
+    for _ in range(10):
+        x = es.ask()
+        pops.append(np.array(x))
+        es.tell(x, [f(v) for v in x])
+    stopped, rng = make(0)
+    for _ in range(5):
+        x = stopped.ask()
+        stopped.tell(x, [f(v) for v in x])
+    buf = io.BytesIO()
+    torch.save(cma_state(stopped, rng), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["sm.C"].shape == (12, 12) and state["countiter"] == 5
+    resumed, rng2 = make(99)  # a different seed: everything must come from the saved state
+    cma_restore(resumed, rng2, state)
+    for g in range(5, 10):
+        x = resumed.ask()
+        np.testing.assert_array_equal(np.array(x), pops[g])
+        resumed.tell(x, [f(v) for v in x])
+
+
+def test_controller_resume_matches_uninterrupted_run(tmp_path):
+    """Stopping CMA-ES after 2 generations and resuming to 4 = running 4 straight."""
+    import shutil
+
+    cfg4 = _cfg(controller={"generations": 4, "population": 6, "sigma0": 0.5})
+    full = WorldModelsPipeline(cfg4, tmp_path / "a", env_fn=sign_env, log=lambda s: None)
+    full.run()
+    part_dir = tmp_path / "b" / "world_models"
+    shutil.copytree(tmp_path / "a" / "world_models", part_dir)
+    (part_dir / "controller.pt").unlink()
+    cfg2 = _cfg(controller={"generations": 2, "population": 6, "sigma0": 0.5})
+    WorldModelsPipeline(cfg2, tmp_path / "b", env_fn=sign_env, log=lambda s: None).run()
+    resumed = WorldModelsPipeline(cfg4, tmp_path / "b", env_fn=sign_env, log=lambda s: None)
+    resumed.run(["controller"])
+    a, b = full.load("controller"), resumed.load("controller")
+    assert b["generations_done"] == 4
+    torch.testing.assert_close(b["history"], a["history"], rtol=0, atol=0)
+    torch.testing.assert_close(b["params"], a["params"], rtol=0, atol=0)
+    torch.testing.assert_close(b["cma"]["sm.C"], a["cma"]["sm.C"], rtol=0, atol=0)

@@ -101,6 +101,7 @@ class IrisWorldModel(WorldModel):
                 f"{p}history_blocks must be <= context_blocks - 2 = {self.context_blocks - 2} "
                 f"(a refilled cache needs room for one more step), got {self.history_blocks}"
             )
+        self.tokenizer_batch = check_int(cfg, "tokenizer_batch", p, low=0)
         self.reward_head_kind = check_choice(cfg, "reward_head", ["sign", "twohot"], p)
         self.temperature = check_float(cfg, "temperature", p, low=1e-3)
         self.feature_kind = check_choice(cfg, "features", ["hidden", "tokens"], p)
@@ -141,7 +142,10 @@ class IrisWorldModel(WorldModel):
 
     # ------------------------------------------------------------------------------ training
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, State]:
-        """Tokenizer loss on every frame + Transformer loss on the (detached) tokens.
+        """Tokenizer loss + Transformer loss on the (detached) tokens of every frame.
+
+        The tokenizer trains on every frame, or on ``tokenizer_batch`` random frames of the
+        batch when that is > 0 and smaller than B*T (the decoder is the costly part on CPU).
 
         batch: ``image`` uint8 [B,T,H,W,C], ``action`` [B,T,A], ``reward`` [B,T],
         ``is_first``/``is_terminal`` bool [B,T]. The Transformer sees T <= context_blocks blocks.
@@ -154,7 +158,16 @@ class IrisWorldModel(WorldModel):
                 f"sequence length {t0} must be <= world_model.context_blocks ({ctx}) or a "
                 "multiple of it (longer sequences are cut into windows of context_blocks)"
             )
-        tok_loss, metrics, tokens0 = self.tokenizer.loss(image.flatten(0, 1))
+        frames = image.flatten(0, 1)  # [B*T, H, W, C]
+        n_tok = self.tokenizer_batch
+        if 0 < n_tok < frames.shape[0]:
+            # The autoencoder trains on a random subset of the frames (IRIS trains it on its
+            # own batch); every frame is still encoded (no gradient) for the Transformer.
+            pick = torch.randperm(frames.shape[0], device=frames.device)[:n_tok]
+            tok_loss, metrics, _ = self.tokenizer.loss(frames[pick])
+            tokens0 = self.tokenizer.encode(frames)
+        else:
+            tok_loss, metrics, tokens0 = self.tokenizer.loss(frames)
         tokens0 = tokens0.view(b0, t0, k)  # [B, T, K], no gradient (discrete)
         actions0 = batch["action"].float()  # [B, T, A]
         is_first0 = batch["is_first"].bool()  # [B, T]

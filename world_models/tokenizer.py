@@ -76,7 +76,9 @@ class Tokenizer(nn.Module):
     Config keys (the ``world_model`` subtree; ``prefix`` names it in errors): ``vocab_size``,
     ``embed_dim``, ``tokens_per_frame``, ``tokenizer_channels``, ``tokenizer_res_blocks``,
     ``commitment_beta``, ``codebook_weight``, ``recon_loss`` (l1|l2), ``recon_weight``,
-    ``perceptual_weight``, ``perceptual_weights``, ``dead_code_after``.
+    ``perceptual_weight``, ``perceptual_weights``, ``dead_code_after``, ``restart_dead_codes``
+    (optional, default false: move codes unused for ``dead_code_after`` batches onto random
+    encoder outputs of the batch).
     """
 
     def __init__(self, cfg: Any, image_shape: tuple[int, int, int], prefix: str = "") -> None:
@@ -93,6 +95,10 @@ class Tokenizer(nn.Module):
         self.recon_weight = check_float(cfg, "recon_weight", prefix, low=0.0)
         self.perceptual_weight = check_float(cfg, "perceptual_weight", prefix, low=0.0)
         self.dead_code_after = check_int(cfg, "dead_code_after", prefix)
+        restart = cfg.get("restart_dead_codes", False) if hasattr(cfg, "get") else False
+        if not isinstance(restart, bool):
+            raise ConfigError(f"{prefix}restart_dead_codes must be true or false, got {restart!r}")
+        self.restart_dead_codes = restart
 
         grid = math.isqrt(self.tokens_per_frame)
         downs = int(math.log2(h // grid)) if grid > 0 and h % grid == 0 else -1
@@ -191,7 +197,24 @@ class Tokenizer(nn.Module):
             loss = loss + self.perceptual_weight * perceptual
             metrics["tokenizer/perceptual_loss"] = perceptual.detach()
         metrics.update(self._usage(tokens))
+        if self.restart_dead_codes and self.training:
+            self._restart_dead(z)
         return loss, metrics, tokens.detach()
+
+    @torch.no_grad()
+    def _restart_dead(self, z: torch.Tensor) -> None:
+        """Move every dead code onto a random encoder output of this batch (z [N, E, g, g]).
+
+        Codebook expiry as in Jukebox / SoundStream: a collapsed codebook (all frames on a few
+        codes) otherwise never recovers, because unused codes get no gradient. Static shapes,
+        no host sync: ``torch.where`` over the whole codebook.
+        """
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, self.embed_dim)  # [N*K, E]
+        pick = torch.randint(0, flat.shape[0], (self.vocab_size,), device=flat.device)
+        dead = self.code_age >= self.dead_code_after  # [V]
+        book = self.codebook.weight
+        book.copy_(torch.where(dead[:, None], flat[pick].to(book.dtype), book))
+        self.code_age.masked_fill_(dead, 0)
 
     @torch.no_grad()
     def _usage(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
