@@ -1,9 +1,10 @@
 """Sequence replay memory for N parallel env streams, persisted as chunk files.
 
-Rows follow the DreamerV3 convention of ``docs/CONTRACTS.md``; the replay itself is generic over
-keys. Storage is one preallocated array per key, shaped ``[N, R, ...]`` (N streams, R = capacity
-// N rows each), filled as a ring buffer: the stream's global row ``i`` lives in slot ``i % R``.
-All streams advance together (``add`` takes one row per env), so one counter describes them.
+Rows follow the DreamerV3 convention ("The row convention" in ``docs/architecture.md``); the
+replay itself is generic over keys. Storage is one preallocated array per key, shaped
+``[N, R, ...]`` (N streams, R = capacity // N rows each), filled as a ring buffer: the
+stream's global row ``i`` lives in slot ``i % R``. All streams advance together (``add`` takes
+one row per env), so one counter describes them.
 
 Persistence (when ``directory`` is given): global rows ``[k*C, (k+1)*C)`` of stream ``n`` form
 chunk ``k``, stored as ``s{n}_c{k}.npz``. A chunk is written when it fills; ``flush`` writes the

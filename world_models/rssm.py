@@ -19,7 +19,7 @@ Shape symbols (docs/shapes.md): B batch, T sequence, N flat batch of states, A a
 D deter size, S number of categoricals, K classes per categorical, E embedding size,
 F = D + S*K feature size.
 
-Row convention (docs/CONTRACTS.md): ``action[t]`` was taken AT obs[t], so the step into
+Row convention (docs/architecture.md): ``action[t]`` was taken AT obs[t], so the step into
 obs[t] uses ``action[t-1]``, zero where ``is_first[t]``; the latent state is reset to the
 initial state where ``is_first[t]``.
 """

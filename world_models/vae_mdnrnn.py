@@ -5,7 +5,7 @@ Hd LSTM hidden size, A action size, F = Z + Hd feature size.
 
 State at row t (a dict of tensors): ``z`` [.., Z] the VAE code of obs[t], ``h``/``c`` [.., Hd]
 the LSTM state that summarises (z, a) of rows before t (zeros on ``is_first`` rows).
-Row convention (docs/CONTRACTS.md): action[t] is taken at obs[t], so
+Row convention (docs/architecture.md): action[t] is taken at obs[t], so
 h_{t+1}, c_{t+1} = LSTM([z_t, a_t], (h_t, c_t)) and the mixture head on h_{t+1} predicts z_{t+1};
 transitions into an ``is_first`` row cross an episode boundary and are masked out.
 ``features = [z, h]``, the controller input of the paper (288 numbers for CarRacing).
