@@ -8,6 +8,11 @@ Reads like DreamerV3's algorithm (Hafner et al. 2023, arXiv:2301.04104, Sec. 2-3
    and gradient clipping), then train the actor and critic on H-step dreams started from
    every detached posterior state (agents/actor_critic.py).
 
+``agent.planner=mcts`` replaces step 1's actor sample by a decision-time MCTS inside the world
+model from the posterior state (agents/mcts.py ``MCTSPlanner``: the actor's probabilities as
+prior, the critic as leaf value, ``agent.mcts.*`` search keys; discrete actions only). Learning
+is unchanged: the actor still learns from dreams, the planner only chooses the env actions.
+
 ``world_model=rssm`` gives DreamerV3; any other WorldModel (``world_model.name``) plugs into the
 same agent. Build with ``DreamerAgent(cfg, obs_space, action_space, device)``, cfg being the full
 config (``cfg.agent`` and ``cfg.world_model`` are read).
@@ -27,7 +32,8 @@ from torch import nn
 
 from agents.actor_critic import ActorCritic, _adam
 from agents.base import Agent
-from agents.config import check_float, check_int
+from agents.config import ConfigError, check_choice, check_float, check_int
+from agents.mcts import MCTSPlanner
 from world_models import make_world_model
 from world_models.base import State
 
@@ -67,6 +73,14 @@ class DreamerAgent(Agent):
         self.actor_critic = ActorCritic(cfg.agent, self.world_model.feature_dim, action_space).to(
             self.device
         )
+        self.planner: MCTSPlanner | None = None
+        if check_choice(cfg.agent, "planner", ("actor", "mcts"), "agent.") == "mcts":
+            if not self.discrete:
+                raise ConfigError(
+                    f"agent.planner=mcts needs a Discrete action space, got {action_space}"
+                )
+            seed = int(cfg.get("seed", 0))
+            self.planner = MCTSPlanner(cfg.agent.mcts, self.action_dim, "agent.mcts.", seed)
         p = "world_model."
         self.model_clip = check_float(wm_cfg, "grad_clip", p, 0.0)
         self.model_opt = _adam(
@@ -99,7 +113,14 @@ class DreamerAgent(Agent):
         prev_action = state["action"].to(self.device)  # [N, A]
         latent = self.world_model.observe_step(latent, prev_action, x, is_first)
         feat = self.world_model.features(latent)  # [N, F]
-        action = self.actor_critic.act(feat, explore).detach()  # [N, A]
+        if self.planner is None:
+            action = self.actor_critic.act(feat, explore).detach()  # [N, A]
+        else:
+            ac = self.actor_critic
+            index, _ = self.planner.plan(
+                self.world_model, lambda f: ac.policy(f)[0], ac.value, latent, explore
+            )
+            action = F.one_hot(index, self.action_dim).float()  # [N, A]
         if self.discrete:
             env_action = action.argmax(-1).cpu().numpy().astype(np.int64) + self.action_start
         else:
@@ -135,17 +156,22 @@ class DreamerAgent(Agent):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """World model, actor-critic (with slow critic and return normaliser), all optimisers."""
-        return {
+        state = {
             "world_model": self.world_model.state_dict(),
             "model_opt": self.model_opt.state_dict(),
             "actor_critic": self.actor_critic.learner_state_dict(),
         }
+        if self.planner is not None:
+            state["planner"] = self.planner.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         try:
             self.world_model.load_state_dict(state["world_model"])
             self.model_opt.load_state_dict(state["model_opt"])
             self.actor_critic.load_learner_state_dict(state["actor_critic"])
+            if self.planner is not None and "planner" in state:
+                self.planner.load_state_dict(state["planner"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise ValueError(
                 "the checkpoint does not match this Dreamer agent (different world_model.* / "

@@ -1,7 +1,9 @@
 """Evaluate a saved agent: ``python scripts/eval.py run=<run dir> episodes=20 video=true``.
 
 Prints mean ± std and every episode's return; ``env_id=`` or ``+env.<key>=`` evaluate on an
-overridden env; ``explore=true`` samples actions instead of taking the mode.
+overridden env; ``+agent.<key>=`` changes how the trained agent acts, e.g.
+``+agent.planner=mcts +agent.mcts.simulations=64`` plans with MCTS inside a Dreamer agent's world
+model; ``explore=true`` samples actions instead of taking the mode.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def run_eval(cfg: DictConfig) -> dict:
         run_cfg.env.id = cfg.env_id
     for key, value in (cfg.env or {}).items():
         OmegaConf.update(run_cfg, f"env.{key}", value, merge=True)
+    for key, value in (cfg.agent or {}).items():  # acting-time knobs, e.g. the planner
+        OmegaConf.update(run_cfg, f"agent.{key}", value, merge=True)
     run_cfg.device = cfg.device
     device = select_device(cfg.device)
     probe = make_env(run_cfg.env, seed=cfg.seed)

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from agents.actor_critic import ActorCritic
+from agents.config import ConfigError
 from agents.dreamer import DreamerAgent
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -187,3 +188,44 @@ def test_rssm_imagination_shapes_and_no_model_gradients(grad):
     assert traj["reward"].shape == traj["cont"].shape == (n, 5)
     agent.actor_critic.update(agent.world_model, start, batch["is_terminal"])
     assert all(p.grad is None for p in agent.world_model.parameters())
+
+
+def test_latent_mcts_planner_overrides_a_wrong_actor(tmp_path):
+    """agent.planner=mcts: the search in the world model finds the action the dream pays for.
+
+    The actor prefers action 0 (its mode), the critic says 0 everywhere, and the world model's
+    imagined reward is 1 for action 1 only: the actor alone picks 0, the planner picks 1.
+    """
+    torch.manual_seed(0)
+    cfg = full_cfg(**{"agent.planner": "mcts", "agent.mcts.simulations": 8})
+    assert cfg.agent.mcts.discount == cfg.agent.gamma  # interpolated from the learner
+    agent = DreamerAgent(cfg, VECTOR, DISCRETE, "cpu")
+    with torch.no_grad():
+        agent.actor_critic.actor.out.weight.zero_()
+        agent.actor_critic.actor.out.bias.copy_(torch.tensor([2.0, -2.0]))
+    imagine = agent.world_model.imagine_step
+
+    def paying_step(state, action):
+        nxt, _, cont = imagine(state, action)
+        return nxt, action[:, 1].clone(), cont  # reward 1 for action 1
+
+    agent.world_model.imagine_step = paying_step
+    obs = {**fake_obs(VECTOR, 4), "is_first": np.ones(4, bool)}
+    for explore in (False, True):
+        action, state = agent.act(obs, None, explore=explore)
+        assert action.tolist() == [1, 1, 1, 1]
+        assert torch.equal(state["action"], torch.tensor([[0.0, 1.0]] * 4))
+    actor_only = DreamerAgent(full_cfg(), VECTOR, DISCRETE, "cpu")
+    actor_only.load_state_dict(agent.state_dict())  # same weights, no planner
+    assert actor_only.act(obs, None, explore=False)[0].tolist() == [0, 0, 0, 0]
+    # the planner's RNG is part of the checkpoint (tensors and primitives only)
+    torch.save(agent.state_dict(), tmp_path / "agent.pt")
+    state = torch.load(tmp_path / "agent.pt", weights_only=True)
+    assert state["planner"]["rng"] == agent.planner.state_dict()["rng"]
+
+
+def test_latent_mcts_needs_discrete_actions():
+    with pytest.raises(ConfigError, match="agent.planner=mcts"):
+        DreamerAgent(full_cfg(**{"agent.planner": "mcts"}), VECTOR, BOX, "cpu")
+    with pytest.raises(ConfigError, match="agent.planner"):
+        DreamerAgent(full_cfg(**{"agent.planner": "beam"}), VECTOR, DISCRETE, "cpu")
