@@ -74,7 +74,8 @@ class DreamerAgent(Agent):
             self.device
         )
         self.planner: MCTSPlanner | None = None
-        if check_choice(cfg.agent, "planner", ("actor", "mcts"), "agent.") == "mcts":
+        planner = "planner" in cfg.agent  # absent from configs saved before the key existed
+        if planner and check_choice(cfg.agent, "planner", ("actor", "mcts"), "agent.") == "mcts":
             if not self.discrete:
                 raise ConfigError(
                     f"agent.planner=mcts needs a Discrete action space, got {action_space}"
