@@ -82,6 +82,10 @@ class DreamerAgent(Agent):
                 )
             seed = int(cfg.get("seed", 0))
             self.planner = MCTSPlanner(cfg.agent.mcts, self.action_dim, "agent.mcts.", seed)
+        precision = "fp32"
+        if "precision" in cfg.agent:
+            precision = check_choice(cfg.agent, "precision", ("fp32", "bf16"), "agent.")
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         p = "world_model."
         self.model_clip = check_float(wm_cfg, "grad_clip", p, 0.0)
         self.model_opt = _adam(
@@ -143,16 +147,25 @@ class DreamerAgent(Agent):
         data["is_first"] = batch["is_first"].bool()  # [B, T]
         data["is_terminal"] = batch["is_terminal"].bool()  # [B, T]
 
-        loss, metrics, post = self.world_model.loss(data)
+        with self._autocast():
+            loss, metrics, post = self.world_model.loss(data)
         self.model_opt.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.world_model.parameters())
         metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(params, self.model_clip, foreach=True)
         self.model_opt.step()
 
-        start: State = {k: v.detach() for k, v in post.items()}  # [B, T, ...]
-        metrics.update(self.actor_critic.update(self.world_model, start, data["is_terminal"]))
-        return metrics
+        start: State = {k: v.detach().float() for k, v in post.items()}  # [B, T, ...]
+        with self._autocast():
+            ac = self.actor_critic.update(self.world_model, start, data["is_terminal"])
+        metrics.update(ac)
+        return {k: v.float() for k, v in metrics.items()}
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast of the forward passes (``agent.precision=bf16``); weights, optimiser
+        state and gradients stay fp32. A no-op context for fp32."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

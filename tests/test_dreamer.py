@@ -229,3 +229,28 @@ def test_latent_mcts_needs_discrete_actions():
         DreamerAgent(full_cfg(**{"agent.planner": "mcts"}), VECTOR, BOX, "cpu")
     with pytest.raises(ConfigError, match="agent.planner"):
         DreamerAgent(full_cfg(**{"agent.planner": "beam"}), VECTOR, DISCRETE, "cpu")
+
+
+@pytest.mark.parametrize("obs_space", [VECTOR, IMAGE], ids=["vector", "image"])
+def test_bf16_update_matches_fp32_losses(obs_space):
+    """agent.precision=bf16 on CPU: same weights and batch give the fp32 losses within bf16's
+    precision, weights stay fp32, and every part still trains."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        agent = DreamerAgent(full_cfg(**{"agent.precision": precision}), obs_space, DISCRETE)
+        before = agent.actor_critic.critic.out.weight.detach().clone()
+        metrics = agent.update(fake_batch(agent, obs_space, DISCRETE))
+        assert all(p.dtype == torch.float32 for p in agent.world_model.parameters())
+        assert not torch.equal(before, agent.actor_critic.critic.out.weight)
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in metrics.values())
+        losses[precision] = metrics
+    for key in ("model_loss", "reward_loss", "cont_loss", "critic_loss"):
+        fp32, bf16 = losses["fp32"][key].item(), losses["bf16"][key].item()
+        assert bf16 == pytest.approx(fp32, rel=0.05, abs=0.02), key
+    assert losses["bf16"]["model_loss"] != losses["fp32"]["model_loss"]  # autocast engaged
+
+
+def test_precision_is_validated():
+    with pytest.raises(ConfigError, match="agent.precision"):
+        DreamerAgent(full_cfg(**{"agent.precision": "fp8"}), VECTOR, DISCRETE)
