@@ -64,6 +64,37 @@ def lambda_return(
     return torch.stack(rets[::-1], 1)  # [N, H]
 
 
+def replay_return(
+    reward: torch.Tensor,
+    is_last: torch.Tensor,
+    is_terminal: torch.Tensor,
+    boot: torch.Tensor,
+    lam: float,
+    gamma: float,
+) -> torch.Tensor:
+    """λ-returns along replayed rows, bootstrapped by imagined returns (DreamerV3 2024 ``repval``).
+
+    All inputs are [B, K] over consecutive replay rows; ``boot[:, t]`` is the imagined λ-return
+    from row t. Returns R [B, K-1] for rows 0..K-2:
+
+        R_t = r_{t+1} + γ (1 - term_{t+1}) ((1 - λ_{t+1}) boot_{t+1} + λ_{t+1} R_{t+1}),
+
+    with λ_{t+1} = 0 when row t+1 is the last of its episode (no real rows follow it) and
+    R_{K-1} = boot_{K-1}. Rows that are themselves last have no successor in their episode;
+    the caller masks them out.
+    """
+    live = gamma * (1.0 - is_terminal[:, 1:].to(boot.dtype))  # [B, K-1]
+    chain = lam * (1.0 - is_last[:, 1:].to(boot.dtype))  # [B, K-1]
+    ret = boot[:, -1]  # [B]
+    rets = []
+    for t in reversed(range(live.shape[1])):
+        ret = reward[:, t + 1] + live[:, t] * (
+            (1.0 - chain[:, t]) * boot[:, t + 1] + chain[:, t] * ret
+        )
+        rets.append(ret)
+    return torch.stack(rets[::-1], 1)  # [B, K-1]
+
+
 class Moments(nn.Module):
     """Percentile return normaliser (DreamerV3 Eq. 9): EMA of the 5th and 95th percentiles.
 
@@ -129,6 +160,7 @@ class ActorCritic(nn.Module):
         self.imag_cont = check_choice(cfg, "imag_cont", ("mode", "mean"), p)
         self.slow_reg = check_float(cfg, "slow_reg", p, 0.0)
         self.critic_ema = check_float(cfg, "critic_ema", p, 0.0, 1.0)
+        self.repval = check_float(cfg, "repval", p, 0.0) if "repval" in cfg else 0.0
         rn = "return_norm."
         decay = check_float(cfg, rn + "decay", p, 0.0, 1.0)
         limit = check_float(cfg, rn + "limit", p, 0.0)
@@ -298,11 +330,18 @@ class ActorCritic(nn.Module):
         return start, start_is_terminal.reshape(-1)  # [N]
 
     def update(
-        self, world_model: WorldModel, start: State, start_is_terminal: torch.Tensor
+        self,
+        world_model: WorldModel,
+        start: State,
+        start_is_terminal: torch.Tensor,
+        replay: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One actor and critic step on imagined trajectories from posterior states [B, T, ...].
 
-        start_is_terminal bool [B, T]. Returns metrics as detached 0-d tensors.
+        start_is_terminal bool [B, T]. ``replay`` (``reward`` [B, T], ``is_last``/``is_terminal``
+        bool [B, T]) enables the replay-value loss when ``repval > 0``: the critic also regresses
+        λ-returns along the real rows, bootstrapped by the imagined returns (DreamerV3 2024).
+        Returns metrics as detached 0-d tensors.
         """
         actor_opt, critic_opt = self._optimisers()
         start, is_terminal = self._starts(start, start_is_terminal)
@@ -342,6 +381,11 @@ class ActorCritic(nn.Module):
             logits, slow_target
         )
         critic_loss = (critic_loss * weight).mean()
+        metrics = {}
+        if self.repval > 0 and replay is not None:
+            repval_loss = self._replay_value_loss(feat[:, 0].detach(), ret[:, 0].detach(), replay)
+            critic_loss = critic_loss + self.repval * repval_loss
+            metrics["repval_loss"] = repval_loss.detach()
 
         actor_params = list(self.actor.parameters())
         critic_params = list(self.critic.parameters())
@@ -359,7 +403,7 @@ class ActorCritic(nn.Module):
         self.update_slow_critic()
 
         with torch.no_grad():
-            return {
+            return metrics | {
                 "actor_loss": actor_loss.detach(),
                 "critic_loss": critic_loss.detach(),
                 "actor_entropy": entropy.detach().mean(),
@@ -374,6 +418,33 @@ class ActorCritic(nn.Module):
                 "return_low": self.moments.low.clone(),
                 "return_high": self.moments.high.clone(),
             }
+
+    def _replay_value_loss(
+        self, feat: torch.Tensor, boot: torch.Tensor, replay: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Critic loss on the real rows the imagination started from: feat [N, F] and their
+        imagined returns boot [N] for N = B*K starts (the last K rows of each sequence)."""
+        bsz, steps = replay["reward"].shape
+        k = self.imag_last if self.imag_last > 0 else steps
+        rows = {key: replay[key][:, -k:] for key in ("reward", "is_last", "is_terminal")}
+        boot = boot.reshape(bsz, k)  # [B, K]
+        target = replay_return(
+            rows["reward"].to(boot.dtype),
+            rows["is_last"],
+            rows["is_terminal"],
+            boot,
+            self.lam,
+            self.gamma,
+        )  # [B, K-1]
+        sfeat = feat.reshape(bsz, k, -1)[:, :-1]  # [B, K-1, F]
+        logits = self.critic(sfeat)  # [B, K-1, bins]
+        with torch.no_grad():
+            slow_target = self.value(sfeat, slow=True)  # [B, K-1]
+        loss = self.twohot.loss(logits, target) + self.slow_reg * self.twohot.loss(
+            logits, slow_target
+        )  # [B, K-1]
+        mask = 1.0 - rows["is_last"][:, :-1].to(loss.dtype)  # a last row has no real successor
+        return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:

@@ -146,6 +146,9 @@ class DreamerAgent(Agent):
         data["reward"] = batch["reward"].float()  # [B, T]
         data["is_first"] = batch["is_first"].bool()  # [B, T]
         data["is_terminal"] = batch["is_terminal"].bool()  # [B, T]
+        is_last = batch["is_last"] if "is_last" in batch else batch["is_terminal"]
+        replay = {"reward": data["reward"], "is_terminal": data["is_terminal"]}
+        replay["is_last"] = is_last.bool() | data["is_terminal"]  # [B, T]
 
         with self._autocast():
             loss, metrics, post = self.world_model.loss(data)
@@ -157,7 +160,7 @@ class DreamerAgent(Agent):
 
         start: State = {k: v.detach().float() for k, v in post.items()}  # [B, T, ...]
         with self._autocast():
-            ac = self.actor_critic.update(self.world_model, start, data["is_terminal"])
+            ac = self.actor_critic.update(self.world_model, start, data["is_terminal"], replay)
         metrics.update(ac)
         return {k: v.float() for k, v in metrics.items()}
 

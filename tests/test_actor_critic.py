@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from agents.actor_critic import ActorCritic, Moments, lambda_return
+from agents.actor_critic import ActorCritic, Moments, lambda_return, replay_return
 from agents.config import ConfigError
 from world_models.base import State, WorldModel
 
@@ -89,6 +89,40 @@ def test_lambda_return_is_pure_and_batched():
         assert torch.equal(a, b)  # inputs untouched
     row = lambda_return(reward[2:3], cont[2:3], value[2:3], 0.95, 0.997)
     torch.testing.assert_close(ret[2:3], row)
+
+
+def test_replay_return_hand_computed():
+    # rows 0..3 of one sequence, imagined returns boot_t from each row; gamma .9, lambda .5
+    reward = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    boot = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    no = torch.zeros(1, 4, dtype=torch.bool)
+    row2 = torch.tensor([[False, False, True, False]])
+    # R3 = 40; R2 = 3 + .9 (.5*40 + .5*40) = 39; R1 = 2 + .9 (.5*30 + .5*39); R0 = 1 + .9 (...)
+    ret = replay_return(reward, no, no, boot, lam=0.5, gamma=0.9)
+    torch.testing.assert_close(ret, torch.tensor([[24.8725, 33.05, 39.0]]))
+    # row 2 terminal: nothing flows back across it; R1 = r2 = 2, R0 = 1 + .9 (.5*20 + .5*2)
+    ret = replay_return(reward, row2, row2, boot, lam=0.5, gamma=0.9)
+    torch.testing.assert_close(ret[:, :2], torch.tensor([[10.9, 2.0]]))
+    # row 2 truncated (last, not terminal): bootstrap fully from boot_2: R1 = 2 + .9 * 30
+    ret = replay_return(reward, row2, no, boot, lam=0.5, gamma=0.9)
+    torch.testing.assert_close(ret[:, :2], torch.tensor([[1.0 + 0.9 * (10.0 + 14.5), 29.0]]))
+
+
+def test_replay_value_loss_trains_the_critic_only_when_enabled():
+    model = ToyModel(5, 3)
+    start = {"x": torch.randn(2, 6, 5)}
+    terminal = torch.zeros(2, 6, dtype=torch.bool)
+    replay = {"reward": torch.ones(2, 6), "is_last": terminal.clone(), "is_terminal": terminal}
+    replay["is_last"][0, 2] = True
+    grads = {}
+    for repval in (0.0, 0.3):
+        torch.manual_seed(0)
+        ac = ActorCritic(agent_cfg(imag_horizon=3, imag_last=4, repval=repval), 5, DISCRETE)
+        metrics = ac.update(model, start, terminal, replay)
+        assert ("repval_loss" in metrics) == (repval > 0)
+        grads[repval] = ac.critic.out.weight.grad.clone()
+    assert torch.isfinite(metrics["repval_loss"]) and metrics["repval_loss"] > 0
+    assert not torch.equal(grads[0.0], grads[0.3])
 
 
 # ---------------------------------------------------------------- return normaliser
