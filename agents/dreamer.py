@@ -158,7 +158,10 @@ class DreamerAgent(Agent):
         metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(params, self.model_clip, foreach=True)
         self.model_opt.step()
 
-        start: State = {k: v.detach().float() for k, v in post.items()}  # [B, T, ...]
+        # bf16 activations back to fp32 starts; integer entries (IRIS tokens) stay as they are
+        start: State = {
+            k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in post.items()
+        }  # [B, T, ...]
         with self._autocast():
             ac = self.actor_critic.update(self.world_model, start, data["is_terminal"], replay)
         metrics.update(ac)
