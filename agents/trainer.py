@@ -115,7 +115,7 @@ def validate_trainer(cfg: Any) -> None:
     check_int(t, "log_every", "trainer.")
     check_int(t, "eval_episodes", "trainer.", low=0)
     check_int(t, "eval_envs", "trainer.")
-    for key in ["video", "progress", "eval_explore"]:
+    for key in ["video", "progress", "eval_explore", "stop_when_solved"]:
         check_bool(t, key, "trainer.")
     check_int(cfg.env, "num_envs", "env.")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
@@ -358,19 +358,29 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def _solved(self, eval_return: float) -> bool:
+        """Whether this evaluation ends the run (``trainer.stop_when_solved``, one process)."""
+        target = self.cfg.env.get("solved_return")
+        if not self.cfg.trainer.stop_when_solved or target is None or self.dist.world_size > 1:
+            return False
+        return eval_return >= target
+
     def run(self) -> dict[str, float]:
-        """Train until ``trainer.total_steps``; returns the last logged row."""
+        """Train until ``trainer.total_steps`` (or solved); returns the last logged row."""
         t = self.cfg.trainer
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         last: dict[str, float] = {}
+        solved = False
         try:
-            while self.env_steps < t.total_steps and self._stop_signal is None:
+            while self.env_steps < t.total_steps and self._stop_signal is None and not solved:
                 self._collect()
                 self._learn()
                 extra = {}
                 final = self.env_steps >= t.total_steps
                 if self.dist.is_main and t.eval_episodes > 0 and (self._due(t.eval_every) or final):
                     extra = self.evaluate()
+                    score = extra["eval/return_mean"]
+                    solved = self._solved(score)
                 if self._due(t.log_every) or final or extra:
                     extra.update(
                         {
@@ -379,9 +389,14 @@ class Trainer:
                         }
                     )
                     last = self.logger.write(self.env_steps, extra)
-                if self._due(t.checkpoint_every) and not final:
+                if self._due(t.checkpoint_every) and not final and not solved:
                     self.save()
                 self.logger.progress(self.env_steps, self.last_return, self.updates)
+            if solved:
+                print(
+                    f"solved: eval return {score:.1f} >= "
+                    f"env.solved_return={self.cfg.env.solved_return} at {self.env_steps} env steps"
+                )
             self.save()
         finally:
             for s, h in handlers.items():

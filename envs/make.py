@@ -32,6 +32,7 @@ COMMON = {
     "time_limit": None,
     "num_envs": 1,
     "vector": "sync",
+    "solved_return": None,  # eval mean return that counts as solved (trainer.stop_when_solved)
 }
 
 #: family -> (family-specific keys with defaults, example ids, entry-point module marker)
@@ -104,6 +105,8 @@ def _config(cfg: Any) -> dict[str, Any]:
         check_int(c, "time_limit", p)
     check_int(c, "num_envs", p)
     check_choice(c, "vector", ["sync", "async"], p)
+    if c["solved_return"] is not None:
+        check_float(c, "solved_return", p)
     if family in ("classic", "mujoco"):
         check_bool(c, "keep_state", p)
     if family == "atari":

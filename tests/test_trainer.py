@@ -97,6 +97,7 @@ def toy_overrides(total: int) -> list[str]:
         "trainer.eval_episodes=2",
         "trainer.checkpoint_every=80",
         "trainer.replay_chunk=32",
+        "trainer.stop_when_solved=false",
     ]
 
 
@@ -155,6 +156,26 @@ def test_resume_gives_the_same_run(tmp_path, toy_agent):
     a = load_checkpoint(checkpoint_path(full_dir))["agent"]["w"]
     b = load_checkpoint(checkpoint_path(split_dir))["agent"]["w"]
     assert torch.equal(a, b)
+
+
+def test_run_stops_at_the_first_solved_evaluation(tmp_path, toy_agent):
+    cfg = toy_cfg(tmp_path, 320)
+    cfg.trainer.stop_when_solved = True
+    cfg.env.solved_return = 1.0  # any episode lasts >= 1 step: the first eval (step 80) solves
+    trainer = Trainer(cfg, tmp_path)
+    last = trainer.run()
+    assert trainer.env_steps == 80
+    assert last["eval/return_mean"] >= 1.0
+    assert read_metrics(tmp_path)[-1]["step"] == 80
+    assert load_checkpoint(checkpoint_path(tmp_path))["env_steps"] == 80
+
+    cfg.env.solved_return = 1e9  # never reached: the full budget runs
+    other = tmp_path / "unsolved"
+    other.mkdir()
+    cfg.run_dir = str(other)
+    unsolved = Trainer(cfg, other)
+    unsolved.run()
+    assert unsolved.env_steps == 320
 
 
 def test_bad_trainer_value_names_the_key(tmp_path):
