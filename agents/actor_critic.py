@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import gymnasium as gym
@@ -335,57 +337,62 @@ class ActorCritic(nn.Module):
         start: State,
         start_is_terminal: torch.Tensor,
         replay: dict[str, torch.Tensor] | None = None,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> dict[str, torch.Tensor]:
         """One actor and critic step on imagined trajectories from posterior states [B, T, ...].
 
         start_is_terminal bool [B, T]. ``replay`` (``reward`` [B, T], ``is_last``/``is_terminal``
         bool [B, T]) enables the replay-value loss when ``repval > 0``: the critic also regresses
         λ-returns along the real rows, bootstrapped by the imagined returns (DreamerV3 2024).
+        ``autocast`` makes the context of the forward passes (``agent.precision=bf16``).
         Returns metrics as detached 0-d tensors.
         """
         actor_opt, critic_opt = self._optimisers()
         start, is_terminal = self._starts(start, start_is_terminal)
-        dynamics = self.actor_grad == "dynamics"
-        with torch.set_grad_enabled(dynamics):
-            traj = self.imagine(world_model, start, self.horizon)
-            cont = traj["cont"]  # [N, H+1]
-            if self.imag_cont == "mode":
-                cont = (cont > 0.5).to(cont.dtype)
-            cont = torch.cat([1.0 - is_terminal.to(cont.dtype)[:, None], cont[:, 1:]], 1)
-            feat = traj["feat"]  # [N, H+1, F]
-            value = self.value(feat)  # [N, H+1]; grads reach the features only in dynamics mode
-            ret = lambda_return(traj["reward"], cont, value, self.lam, self.gamma)  # [N, H]
-        cont = cont.detach()
-        # w_t = γ^t ∏_{i<=t} c_i: nothing after a predicted episode end counts
-        weight = torch.cumprod(self.gamma * cont, 1)[:, :-1] / self.gamma  # [N, H]
-        self.moments.update(ret)
-        scale = self.moments.scale()  # []
-        adv = (ret - value[:, :-1]) / scale  # [N, H]
+        with autocast():  # forward passes only: backward and optimiser steps run outside
+            dynamics = self.actor_grad == "dynamics"
+            with torch.set_grad_enabled(dynamics):
+                traj = self.imagine(world_model, start, self.horizon)
+                cont = traj["cont"]  # [N, H+1]
+                if self.imag_cont == "mode":
+                    cont = (cont > 0.5).to(cont.dtype)
+                cont = torch.cat([1.0 - is_terminal.to(cont.dtype)[:, None], cont[:, 1:]], 1)
+                feat = traj["feat"]  # [N, H+1, F]
+                value = self.value(feat)  # [N, H+1]; grads reach the features only in dynamics mode
+                ret = lambda_return(traj["reward"], cont, value, self.lam, self.gamma)  # [N, H]
+            cont = cont.detach()
+            # w_t = γ^t ∏_{i<=t} c_i: nothing after a predicted episode end counts
+            weight = torch.cumprod(self.gamma * cont, 1)[:, :-1] / self.gamma  # [N, H]
+            self.moments.update(ret)
+            scale = self.moments.scale()  # []
+            adv = (ret - value[:, :-1]) / scale  # [N, H]
 
-        # actor (Eq. 8): REINFORCE or dynamics backprop, plus entropy, both on the normalised scale
-        sfeat = feat[:, :-1].detach()  # [N, H, F]
-        params = self.policy(sfeat)
-        entropy = self.entropy(params)  # [N, H]
-        if dynamics:
-            pg = -adv
-        else:
-            pg = -self.log_prob(params, traj["action"].detach()) * adv.detach()
-        actor_loss = ((pg - self.entropy_scale * entropy) * weight).mean()
+            # actor (Eq. 8): REINFORCE or dynamics backprop, plus entropy, on the normalised scale
+            sfeat = feat[:, :-1].detach()  # [N, H, F]
+            params = self.policy(sfeat)
+            entropy = self.entropy(params)  # [N, H]
+            if dynamics:
+                pg = -adv
+            else:
+                pg = -self.log_prob(params, traj["action"].detach()) * adv.detach()
+            actor_loss = ((pg - self.entropy_scale * entropy) * weight).mean()
 
-        # critic: two-hot cross-entropy to the λ-return plus the slow-critic regulariser
-        logits = self.critic(sfeat)  # [N, H, K]
-        target = ret.detach()  # [N, H]
-        with torch.no_grad():
-            slow_target = self.value(sfeat, slow=True)  # [N, H]
-        critic_loss = self.twohot.loss(logits, target) + self.slow_reg * self.twohot.loss(
-            logits, slow_target
-        )
-        critic_loss = (critic_loss * weight).mean()
-        metrics = {}
-        if self.repval > 0 and replay is not None:
-            repval_loss = self._replay_value_loss(feat[:, 0].detach(), ret[:, 0].detach(), replay)
-            critic_loss = critic_loss + self.repval * repval_loss
-            metrics["repval_loss"] = repval_loss.detach()
+            # critic: two-hot cross-entropy to the λ-return plus the slow-critic regulariser
+            logits = self.critic(sfeat)  # [N, H, K]
+            target = ret.detach()  # [N, H]
+            with torch.no_grad():
+                slow_target = self.value(sfeat, slow=True)  # [N, H]
+            critic_loss = self.twohot.loss(logits, target) + self.slow_reg * self.twohot.loss(
+                logits, slow_target
+            )
+            critic_loss = (critic_loss * weight).mean()
+            metrics = {}
+            if self.repval > 0 and replay is not None:
+                repval_loss = self._replay_value_loss(
+                    feat[:, 0].detach(), ret[:, 0].detach(), replay
+                )
+                critic_loss = critic_loss + self.repval * repval_loss
+                metrics["repval_loss"] = repval_loss.detach()
 
         actor_params = list(self.actor.parameters())
         critic_params = list(self.critic.parameters())

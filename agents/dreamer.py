@@ -6,7 +6,8 @@ Reads like DreamerV3's algorithm (Hafner et al. 2023, arXiv:2301.04104, Sec. 2-3
    and sample a_t ~ π(a_t | s_t) (the mode when evaluating);
 2. update: on a replayed batch [B, T], train the world model (paper Eq. 4-5, its own Adam
    and gradient clipping), then train the actor and critic on H-step dreams started from
-   every detached posterior state (agents/actor_critic.py).
+   the detached posterior states (the last ``agent.imag_last`` rows of each sequence, or all
+   B*T rows as in the paper with ``imag_last=0``; agents/actor_critic.py).
 
 ``agent.planner=mcts`` replaces step 1's actor sample by a decision-time MCTS inside the world
 model from the posterior state (agents/mcts.py ``MCTSPlanner``: the actor's probabilities as
@@ -162,8 +163,9 @@ class DreamerAgent(Agent):
         start: State = {
             k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in post.items()
         }  # [B, T, ...]
-        with self._autocast():
-            ac = self.actor_critic.update(self.world_model, start, data["is_terminal"], replay)
+        ac = self.actor_critic.update(
+            self.world_model, start, data["is_terminal"], replay, autocast=self._autocast
+        )
         metrics.update(ac)
         return {k: v.float() for k, v in metrics.items()}
 

@@ -144,7 +144,9 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
 
 
 def split_update(agent, batch, bench, device) -> dict[str, float]:
-    """World-model step, imagination alone and the actor-critic remainder of one update."""
+    """World-model step, imagination alone, and the actor-critic step (which includes its own
+    imagination: the actor-critic's own cost is ``actor_critic_s - imagination_s``), each under
+    the agent's ``agent.precision`` autocast."""
     wm, ac = agent.world_model, agent.actor_critic
     data = {k: batch[k] for k in agent.obs_keys}
     data["action"] = agent._model_action(batch["action"])
@@ -153,7 +155,8 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
     data["is_terminal"] = batch["is_terminal"].bool()
 
     def model_step():
-        loss, _, post = wm.loss(data)
+        with agent._autocast():
+            loss, _, post = wm.loss(data)
         agent.model_opt.zero_grad(set_to_none=True)
         loss.backward()
         agent.model_opt.step()
@@ -164,13 +167,18 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
     n = next(iter(start.values())).shape[0]
 
     def imagine():
-        with torch.no_grad():
+        with torch.no_grad(), agent._autocast():
             ac.imagine(wm, start, ac.horizon)
 
     wm_s = timed(model_step, bench.repeats, bench.warmup, device)
     imag_s = timed(imagine, bench.repeats, bench.warmup, device)
     ac_s = timed(
-        lambda: ac.update(wm, {k: v.detach() for k, v in post.items()}, data["is_terminal"]),
+        lambda: ac.update(
+            wm,
+            {k: v.detach() for k, v in post.items()},
+            data["is_terminal"],
+            autocast=agent._autocast,
+        ),
         bench.repeats,
         bench.warmup,
         device,
