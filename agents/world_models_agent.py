@@ -86,7 +86,11 @@ CMA_FIELDS = (
     ("", "hsiglist"), ("", "_flgtelldone"), ("", "number_of_solutions_asked"),
     ("", "mean_old"), ("", "mean_old_old"), ("", "_sigma_old"), ("", "_isotropic_mean_shift"),
     ("", "evaluations_per_f_value"), ("", "number_of_injections"),
+    ("", "pop_injection_directions"), ("", "pop_injection_solutions"),
+    ("", "number_of_injections_delivered"),
     ("adapt_sigma", "ps"), ("adapt_sigma", "is_initialized"),
+    ("adapt_sigma", "s"), ("adapt_sigma", "initialized"), ("adapt_sigma", "_last_z"),  # TPA
+    # (TPA, cma's step size for large dims, sets its constants itself: not is_initialized_base)
     ("adapt_sigma", "_ps_updated_iteration"), ("adapt_sigma", "delta"),
     ("adapt_sigma", "_last_multiplier"),
     ("sigma_vec", "scaling"),
@@ -152,6 +156,8 @@ def cma_restore(es: Any, rng: np.random.Generator, state: dict) -> None:
         old = getattr(owner, attr, None)
         if isinstance(value, torch.Tensor):
             value = value.numpy().copy()
+        elif isinstance(value, list):  # injection directions / solutions: lists of arrays
+            value = [v.numpy().copy() if isinstance(v, torch.Tensor) else v for v in value]
         elif isinstance(old, np.generic):
             value = type(old)(value)
         setattr(owner, attr, value)

@@ -235,7 +235,8 @@ def test_bad_config_names_the_key():
         WorldModelsAgent(cfg, env.observation_space, env.action_space, "cpu")
 
 
-def test_cma_state_round_trip_gives_the_same_populations():
+@pytest.mark.parametrize("dim", [12, 300])  # cma picks CSA step sizes at 12, TPA at 300
+def test_cma_state_round_trip_gives_the_same_populations(dim):
     """cma_state -> torch.save -> load(weights_only) -> cma_restore: identical next asks."""
     import io
 
@@ -246,10 +247,10 @@ def test_cma_state_round_trip_gives_the_same_populations():
     def make(seed):
         rng = np.random.default_rng(seed)
         opts = {"popsize": 8, "verbose": -9, "randn": lambda *s: rng.standard_normal(s)}
-        return cma.CMAEvolutionStrategy(np.zeros(12), 0.3, opts), rng
+        return cma.CMAEvolutionStrategy(np.zeros(dim), 0.3, opts), rng
 
     def f(x):
-        return float(np.sum((x - 1.0) ** 2 * np.arange(1, 13)))
+        return float(np.sum((x - 1.0) ** 2 * np.arange(1, dim + 1)))
 
     es, _ = make(0)
     pops = []
@@ -265,7 +266,7 @@ def test_cma_state_round_trip_gives_the_same_populations():
     torch.save(cma_state(stopped, rng), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    assert state["sm.C"].shape == (12, 12) and state["countiter"] == 5
+    assert state["sm.C"].shape == (dim, dim) and state["countiter"] == 5
     resumed, rng2 = make(99)  # a different seed: everything must come from the saved state
     cma_restore(resumed, rng2, state)
     for g in range(5, 10):
