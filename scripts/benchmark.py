@@ -111,7 +111,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
     }
     parts = set(bench.parts)
-    unknown = parts - {"replay", "update", "split", "collect"}
+    unknown = parts - {"replay", "update", "split", "collect", "profile"}
     if unknown:
         raise ConfigError(f"bench.parts has unknown entries {sorted(unknown)}")
     if agent.learns and parts & {"replay", "update", "split"}:
@@ -129,6 +129,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
             )
         if "split" in parts and hasattr(agent, "world_model") and hasattr(agent, "actor_critic"):
             result.update(split_update(agent, batch, bench, device))
+        if "profile" in parts:
+            result["profile"] = profile_update(agent, batch, bench, device)
     if "collect" in parts:
         result["collect_steps_per_s"] = collection_rate(
             env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True
@@ -192,6 +194,25 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
     }
 
 
+def profile_update(agent, batch, bench, device) -> str:
+    """torch.profiler over ``bench.repeats`` updates (after warm-up): the operator table sorted
+    by self time (``bench.profile_rows`` rows); a Chrome trace goes to ``bench.profile_trace``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(bench.warmup):
+        agent.update(batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(bench.repeats):
+            agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if bench.profile_trace:
+        prof.export_chrome_trace(str(bench.profile_trace))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=bench.profile_rows)
+
+
 def markdown_row(result: dict[str, Any], command: str) -> str:
     def fmt(key, scale=1.0, digits=3):
         value = result.get(key)
@@ -214,7 +235,10 @@ def main(cfg: DictConfig) -> None:
         OmegaConf.resolve(cfg)
         result = benchmark(cfg)
         command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
+        table = result.pop("profile", None)
         print(json.dumps(result, indent=2))
+        if table:
+            print(table)
         row = markdown_row(result, command)
         print(row)
         if cfg.bench.append:

@@ -98,3 +98,31 @@ def test_user_errors_are_one_line(random_run, tmp_path):
     )
     assert proc.returncode == 2 and "unknown env id 'NoSuchEnv-v0'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_benchmark_reports_the_split_update_and_a_profile(tmp_path):
+    trace = tmp_path / "trace.json"
+    proc = run(
+        "benchmark.py",
+        "agent=dreamer",
+        "env=cartpole",
+        "world_model.deter=32",
+        "world_model.units=32",
+        "agent.batch_size=4",
+        "agent.seq_len=8",
+        "bench.parts=[update,split,profile]",
+        "bench.repeats=2",
+        "bench.warmup=1",
+        "bench.replay_rows=256",
+        f"bench.profile_trace={trace}",
+    )
+    result = json.loads(proc.stdout[: proc.stdout.index("\n}\n") + 2])
+    assert result["batch"] == "4x8" and result["agent"] == "dreamer"
+    for key in ("update_s", "world_model_s", "imagination_s", "actor_critic_s"):
+        assert 0 < result[key] < 60, key
+    # 4 sequences x the last 8 rows = 32 starts; 15 imagined steps each
+    assert result["imagination_starts"] == 32
+    assert result["imagined_steps_per_s"] == pytest.approx(32 * 15 / result["imagination_s"])
+    assert "Self CPU" in proc.stdout and "aten::" in proc.stdout  # the profiler's table
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| dreamer+rssm | CartPole-v1 | 4x8")
