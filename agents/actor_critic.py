@@ -432,7 +432,9 @@ class ActorCritic(nn.Module):
         """Critic loss on the real rows the imagination started from: feat [N, F] and their
         imagined returns boot [N] for N = B*K starts (the last K rows of each sequence)."""
         bsz, steps = replay["reward"].shape
-        k = self.imag_last if self.imag_last > 0 else steps
+        k = min(self.imag_last, steps) if self.imag_last > 0 else steps  # as in _starts
+        if k < 2:  # one start row per sequence has no real successor to regress along
+            return feat.new_zeros(())
         rows = {key: replay[key][:, -k:] for key in ("reward", "is_last", "is_terminal")}
         boot = boot.reshape(bsz, k)  # [B, K]
         target = replay_return(
