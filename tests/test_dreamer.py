@@ -109,8 +109,8 @@ def test_act_continuous():
 
 @pytest.mark.parametrize(
     "obs_space,action_space",
-    [(VECTOR, DISCRETE), (IMAGE, DISCRETE), (VECTOR, BOX)],
-    ids=["vector-discrete", "image-discrete", "vector-continuous"],
+    [(VECTOR, DISCRETE), (IMAGE, DISCRETE), (VECTOR, BOX), (IMAGE, BOX)],
+    ids=["vector-discrete", "image-discrete", "vector-continuous", "image-continuous"],
 )
 def test_update_trains_every_part(obs_space, action_space):
     agent = DreamerAgent(full_cfg(), obs_space, action_space, "cpu")
