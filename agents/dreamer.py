@@ -140,8 +140,11 @@ class DreamerAgent(Agent):
             return F.one_hot(action.long() - self.action_start, self.action_dim).float()
         return action.float().reshape(*action.shape[:2], self.action_dim)
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """World-model step then actor-critic step on a replay batch [B, T, ...]."""
+    def model_inputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Replay batch [B, T, ...] -> (world-model batch, the replay rows the actor-critic's
+        replay-value loss reads: ``reward``, ``is_last``, ``is_terminal`` [B, T])."""
         data = {k: batch[k] for k in self.obs_keys}
         data["action"] = self._model_action(batch["action"])  # [B, T, A]
         data["reward"] = batch["reward"].float()  # [B, T]
@@ -150,7 +153,11 @@ class DreamerAgent(Agent):
         is_last = batch["is_last"] if "is_last" in batch else batch["is_terminal"]
         replay = {"reward": data["reward"], "is_terminal": data["is_terminal"]}
         replay["is_last"] = is_last.bool() | data["is_terminal"]  # [B, T]
+        return data, replay
 
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """World-model step then actor-critic step on a replay batch [B, T, ...]."""
+        data, replay = self.model_inputs(batch)
         with self._autocast():
             loss, metrics, post = self.world_model.loss(data)
         self.model_opt.zero_grad(set_to_none=True)

@@ -114,7 +114,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     unknown = parts - {"replay", "update", "split", "collect", "profile"}
     if unknown:
         raise ConfigError(f"bench.parts has unknown entries {sorted(unknown)}")
-    if agent.learns and parts & {"replay", "update", "split"}:
+    if agent.learns and parts & {"replay", "update", "split", "profile"}:
         b, t = agent.batch_size, agent.seq_len
         result["batch"] = f"{b}x{t}"
         replay = fill_replay(env, agent, bench.replay_rows, num_envs, cfg.seed)
@@ -147,20 +147,17 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
 
 def split_update(agent, batch, bench, device) -> dict[str, float]:
     """World-model step, imagination alone, and the actor-critic step (which includes its own
-    imagination: the actor-critic's own cost is ``actor_critic_s - imagination_s``), each under
-    the agent's ``agent.precision`` autocast."""
+    imagination: the actor-critic's own cost is ``actor_critic_s - imagination_s``), each as
+    ``DreamerAgent.update`` runs it (same inputs, clipping, replay-value loss and autocast)."""
     wm, ac = agent.world_model, agent.actor_critic
-    data = {k: batch[k] for k in agent.obs_keys}
-    data["action"] = agent._model_action(batch["action"])
-    data["reward"] = batch["reward"].float()
-    data["is_first"] = batch["is_first"].bool()
-    data["is_terminal"] = batch["is_terminal"].bool()
+    data, replay = agent.model_inputs(batch)
 
     def model_step():
         with agent._autocast():
             loss, _, post = wm.loss(data)
         agent.model_opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(wm.parameters()), agent.model_clip, foreach=True)
         agent.model_opt.step()
         return post
 
@@ -179,6 +176,7 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
             wm,
             {k: v.detach() for k, v in post.items()},
             data["is_terminal"],
+            replay,
             autocast=agent._autocast,
         ),
         bench.repeats,

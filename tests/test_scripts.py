@@ -126,3 +126,18 @@ def test_benchmark_reports_the_split_update_and_a_profile(tmp_path):
     assert "Self CPU" in proc.stdout and "aten::" in proc.stdout  # the profiler's table
     assert json.loads(trace.read_text())["traceEvents"]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| dreamer+rssm | CartPole-v1 | 4x8")
+
+    alone = run(
+        "benchmark.py",
+        "agent=dreamer",
+        "env=cartpole",
+        "world_model.deter=32",
+        "world_model.units=32",
+        "agent.batch_size=4",
+        "agent.seq_len=8",
+        "bench.parts=[profile]",
+        "bench.repeats=1",
+        "bench.warmup=0",
+        "bench.replay_rows=256",
+    )
+    assert "aten::" in alone.stdout  # the profile needs no other part to build its batch
