@@ -15,7 +15,8 @@ arXiv:2301.04104, Sec. 3 "Actor Critic Learning") and the official code:
 - actor: REINFORCE on normalised advantages with entropy bonus η = 3e-4 (Eq. 8), for discrete
   (categorical, 1% unimix) and continuous actions (Normal with tanh mean and sigmoid-bounded
   std, the 2024 code's ``bounded_normal``); ``actor_grad: dynamics`` backpropagates returns
-  through the world model instead (the 2023 code's choice for continuous actions);
+  through the world model instead; ``auto`` (default) takes the 2023 code's choice:
+  REINFORCE for discrete actions, dynamics for continuous ones;
 - every loss term is weighted by w_t = γ^t ∏_{i<=t} c_i, so states after a predicted episode
   end count for nothing.
 
@@ -158,7 +159,7 @@ class ActorCritic(nn.Module):
         self.gamma = check_float(cfg, "gamma", p, 0.0, 1.0)
         self.lam = check_float(cfg, "lam", p, 0.0, 1.0)
         self.entropy_scale = check_float(cfg, "entropy", p, 0.0)
-        self.actor_grad = check_choice(cfg, "actor_grad", ("reinforce", "dynamics"), p)
+        actor_grad = check_choice(cfg, "actor_grad", ("auto", "reinforce", "dynamics"), p)
         self.imag_cont = check_choice(cfg, "imag_cont", ("mode", "mean"), p)
         self.slow_reg = check_float(cfg, "slow_reg", p, 0.0)
         self.critic_ema = check_float(cfg, "critic_ema", p, 0.0, 1.0)
@@ -199,6 +200,9 @@ class ActorCritic(nn.Module):
             raise ValueError(
                 f"the actor-critic supports Discrete and 1-D Box action spaces, got {action_space}"
             )
+        if actor_grad == "auto":  # the 2023 code: REINFORCE for discrete, backprop for continuous
+            actor_grad = "reinforce" if self.discrete else "dynamics"
+        self.actor_grad = actor_grad
         self.unimix = actor_cfg["unimix"]
         self.min_std, self.max_std = actor_cfg["min_std"], actor_cfg["max_std"]
         self.actor_clip = actor_cfg["grad_clip"]

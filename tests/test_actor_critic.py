@@ -279,6 +279,12 @@ def test_learns_rewarded_action_in_toy_model():
 
 
 # ---------------------------------------------------------------- config and checkpoints
+def test_auto_actor_grad_is_reinforce_for_discrete_and_dynamics_for_continuous():
+    assert ActorCritic(agent_cfg(actor_grad="auto"), 5, DISCRETE).actor_grad == "reinforce"
+    assert ActorCritic(agent_cfg(actor_grad="auto"), 5, BOX).actor_grad == "dynamics"
+    assert ActorCritic(agent_cfg(actor_grad="reinforce"), 5, BOX).actor_grad == "reinforce"
+
+
 def test_bad_config_values_name_the_key():
     with pytest.raises(ConfigError, match="agent.actor_grad"):
         ActorCritic(agent_cfg(actor_grad="backprop"), 5, DISCRETE)
