@@ -67,13 +67,11 @@ def main(argv: list[str]) -> None:
         pipe.run(None if args.stage == "all" else [args.stage])
         if args.evaluate > 0:
             returns = pipe.evaluate(args.evaluate)
-            summary = {
-                "episodes": len(returns),
-                "mean": sum(returns) / len(returns),
-                "returns": returns,
-            }
+            mean = sum(returns) / len(returns)
+            std = (sum((r - mean) ** 2 for r in returns) / len(returns)) ** 0.5
+            summary = {"episodes": len(returns), "mean": mean, "std": std, "returns": returns}
             (pipe.dir / "evaluation.json").write_text(json.dumps(summary, indent=1))
-            print(f"evaluation: {summary['mean']:.2f} over {len(returns)} episodes", flush=True)
+            print(f"evaluation: {mean:.2f} ± {std:.2f} over {len(returns)} episodes", flush=True)
 
     _common.run_cli(body)
 
