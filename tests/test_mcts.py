@@ -172,6 +172,14 @@ def test_three_simulations_known_tree(rule):
     assert out.policy[0].tolist() == pytest.approx([1 / 3, 2 / 3])
 
 
+@pytest.mark.parametrize("rewards,best", [([0.2, 0.8], 1), ([0.8, 0.2], 0)])
+def test_equal_visits_go_to_the_higher_q_not_the_lower_index(rewards, best):
+    cfg = SearchConfig(simulations=2, rule="uct", unvisited="inf")  # one visit per arm
+    out = search(bandit_model(rewards), None, torch.tensor([0]), cfg)
+    assert out.visits[0].tolist() == [1.0, 1.0]
+    assert out.action.item() == best
+
+
 def test_batched_search_equals_per_root_searches():
     model = LinearModel()
     roots = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))

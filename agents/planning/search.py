@@ -151,7 +151,10 @@ def search(
         chosen = gz.root_action(g + root_logits + sig, visits, considered, None)
         policy = gz.improved_policy(root_logits, sig)
     else:
-        chosen = torch.argmax(visits, dim=-1)
+        # most visited; ties go to the higher Q (not to the lowest index, which biases
+        # symmetric tasks such as CartPole towards action 0)
+        tie_break = torch.where(visits > 0, tree.normalise(q).clamp(0.0, 1.0), 0.0) * 0.5
+        chosen = torch.argmax(visits.to(q.dtype) + tie_break, dim=-1)
         policy = visits / visits.sum(-1, keepdim=True).clamp(min=1.0)
     return SearchResult(chosen, visits, q, tree.node_value(root_nodes), policy, tree, store)
 
