@@ -194,10 +194,14 @@ def test_latent_mcts_planner_overrides_a_wrong_actor(tmp_path):
     """agent.planner=mcts: the search in the world model finds the action the dream pays for.
 
     The actor prefers action 0 (its mode), the critic says 0 everywhere, and the world model's
-    imagined reward is 1 for action 1 only: the actor alone picks 0, the planner picks 1.
+    imagined reward is 1 for action 1 only: the actor alone picks 0, the Gumbel planner picks
+    1 with 8 simulations. (pUCT, the default rule, follows the 98% prior here even at 64
+    simulations, since action 1 also pays one step later below action 0.)
     """
     torch.manual_seed(0)
-    cfg = full_cfg(**{"agent.planner": "mcts", "agent.mcts.simulations": 8})
+    cfg = full_cfg(
+        **{"agent.planner": "mcts", "agent.mcts.rule": "gumbel", "agent.mcts.simulations": 8}
+    )
     assert cfg.agent.mcts.discount == cfg.agent.gamma  # interpolated from the learner
     agent = DreamerAgent(cfg, VECTOR, DISCRETE, "cpu")
     with torch.no_grad():
