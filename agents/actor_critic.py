@@ -146,11 +146,18 @@ class ActorCritic(nn.Module):
     """Actor, critic and slow critic learning inside any WorldModel. See the module docstring.
 
     cfg is the agent's config subtree (``agent.*``); ``feature_dim`` is the world model's F;
-    ``action_space`` a gymnasium Discrete or 1-D Box (actions in [-1, 1]).
+    ``action_space`` a gymnasium Discrete or 1-D Box (actions in [-1, 1]); ``differentiable``
+    is the world model's ``differentiable_imagination`` (False rules out ``actor_grad:
+    dynamics``, and ``auto`` then takes REINFORCE).
     """
 
     def __init__(
-        self, cfg: Any, feature_dim: int, action_space: gym.Space, prefix: str = "agent."
+        self,
+        cfg: Any,
+        feature_dim: int,
+        action_space: gym.Space,
+        prefix: str = "agent.",
+        differentiable: bool = True,
     ) -> None:
         super().__init__()
         p = prefix
@@ -201,7 +208,12 @@ class ActorCritic(nn.Module):
                 f"the actor-critic supports Discrete and 1-D Box action spaces, got {action_space}"
             )
         if actor_grad == "auto":  # the 2023 code: REINFORCE for discrete, backprop for continuous
-            actor_grad = "reinforce" if self.discrete else "dynamics"
+            actor_grad = "dynamics" if differentiable and not self.discrete else "reinforce"
+        elif actor_grad == "dynamics" and not differentiable:
+            raise ConfigError(
+                f"{p}actor_grad=dynamics needs a world model whose imagination is "
+                "differentiable; this one dreams without gradients (IRIS): use reinforce or auto"
+            )
         self.actor_grad = actor_grad
         self.unimix = actor_cfg["unimix"]
         self.min_std, self.max_std = actor_cfg["min_std"], actor_cfg["max_std"]

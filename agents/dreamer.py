@@ -71,9 +71,12 @@ class DreamerAgent(Agent):
         wm_cfg = cfg.world_model
         self.world_model = make_world_model(wm_cfg, obs_space, self.action_dim).to(self.device)
         self.obs_keys = [k for k in OBS_KEYS if k in obs_space.spaces]
-        self.actor_critic = ActorCritic(cfg.agent, self.world_model.feature_dim, action_space).to(
-            self.device
-        )
+        self.actor_critic = ActorCritic(
+            cfg.agent,
+            self.world_model.feature_dim,
+            action_space,
+            differentiable=self.world_model.differentiable_imagination,
+        ).to(self.device)
         self.planner: MCTSPlanner | None = None
         planner = "planner" in cfg.agent  # absent from configs saved before the key existed
         if planner and check_choice(cfg.agent, "planner", ("actor", "mcts"), "agent.") == "mcts":

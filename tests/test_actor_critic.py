@@ -283,6 +283,10 @@ def test_auto_actor_grad_is_reinforce_for_discrete_and_dynamics_for_continuous()
     assert ActorCritic(agent_cfg(actor_grad="auto"), 5, DISCRETE).actor_grad == "reinforce"
     assert ActorCritic(agent_cfg(actor_grad="auto"), 5, BOX).actor_grad == "dynamics"
     assert ActorCritic(agent_cfg(actor_grad="reinforce"), 5, BOX).actor_grad == "reinforce"
+    # a world model that dreams without gradients (IRIS): auto falls back, dynamics is an error
+    assert ActorCritic(agent_cfg(), 5, BOX, differentiable=False).actor_grad == "reinforce"
+    with pytest.raises(ConfigError, match="agent.actor_grad=dynamics"):
+        ActorCritic(agent_cfg(actor_grad="dynamics"), 5, BOX, differentiable=False)
 
 
 def test_bad_config_values_name_the_key():

@@ -39,6 +39,10 @@ class WorldModel(nn.Module, ABC):
     feature_dim: int
     """Size F of ``features(state)``."""
 
+    differentiable_imagination: bool = True
+    """Whether returns can be backpropagated through ``imagine_step`` into the actions
+    (``agent.actor_grad: dynamics``); False where dream steps run without a graph (IRIS)."""
+
     @abstractmethod
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, State]:
         """Learn from replayed sequences.

@@ -68,7 +68,7 @@ class IrisWorldModel(WorldModel):
     action_dim: A, the one-hot size for discrete actions or the vector size for continuous ones.
     """
 
-    differentiable_imagination = False
+    differentiable_imagination: bool = False
     """Dream steps run under ``no_grad`` (the cache is written in place): train the actor with
     REINFORCE, as IRIS does, not by backpropagating through the dynamics."""
 
