@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -67,8 +68,7 @@ def main(argv: list[str]) -> None:
         pipe.run(None if args.stage == "all" else [args.stage])
         if args.evaluate > 0:
             returns = pipe.evaluate(args.evaluate)
-            mean = sum(returns) / len(returns)
-            std = (sum((r - mean) ** 2 for r in returns) / len(returns)) ** 0.5
+            mean, std = statistics.fmean(returns), statistics.pstdev(returns)
             summary = {"episodes": len(returns), "mean": mean, "std": std, "returns": returns}
             (pipe.dir / "evaluation.json").write_text(json.dumps(summary, indent=1))
             print(f"evaluation: {mean:.2f} ± {std:.2f} over {len(returns)} episodes", flush=True)
