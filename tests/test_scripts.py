@@ -100,16 +100,22 @@ def test_user_errors_are_one_line(random_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+# a small Dreamer on CartPole vectors for the benchmark runs below (4 x 8 batches)
+TINY_DREAMER = (
+    "agent=dreamer",
+    "env=cartpole",
+    "world_model.deter=32",
+    "world_model.units=32",
+    "agent.batch_size=4",
+    "agent.seq_len=8",
+)
+
+
 def test_benchmark_reports_the_split_update_and_a_profile(tmp_path):
     trace = tmp_path / "trace.json"
     proc = run(
         "benchmark.py",
-        "agent=dreamer",
-        "env=cartpole",
-        "world_model.deter=32",
-        "world_model.units=32",
-        "agent.batch_size=4",
-        "agent.seq_len=8",
+        *TINY_DREAMER,
         "bench.parts=[update,split,profile]",
         "bench.repeats=2",
         "bench.warmup=1",
@@ -129,12 +135,7 @@ def test_benchmark_reports_the_split_update_and_a_profile(tmp_path):
 
     alone = run(
         "benchmark.py",
-        "agent=dreamer",
-        "env=cartpole",
-        "world_model.deter=32",
-        "world_model.units=32",
-        "agent.batch_size=4",
-        "agent.seq_len=8",
+        *TINY_DREAMER,
         "bench.parts=[profile]",
         "bench.repeats=1",
         "bench.warmup=0",
