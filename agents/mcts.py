@@ -4,7 +4,10 @@
   (and ``agents/evaluate.py``) hand it the vector env with ``agent.bind_env(vector_env)``
   before acting; the agent builds one planning copy per env with ``envs.make_env(cfg.env)``
   and, at every ``act``, copies each real env's state into its copy (``envs.state``). The real
-  envs are only read, never stepped. ``learns = False``: no replay, no updates.
+  envs are only read, never stepped. ``learns = False``: no replay, no updates. With
+  ``agent.value.learn=true`` and/or ``agent.rollout.policy=learned`` it fits a leaf value
+  V(obs) / a linear rollout policy on its own finished training episodes
+  (``agents/planning/value.py``; online, through ``observe``).
 - ``MCTSPlanner``: the helper world-model agents call when ``agent.planner=mcts``: it searches
   from the current latent state with ``WorldModelModel`` (actor as prior, critic as leaf value).
 
@@ -12,7 +15,8 @@ Config keys (configs/agent/mcts.yaml; the planner reads the same search keys fro
 ``simulations``, ``rule`` (uct|puct|gumbel), ``discount``, ``c1``, ``c2``, ``c_uct``,
 ``unvisited`` (zero|parent|inf), ``dirichlet.alpha``, ``dirichlet.fraction``,
 ``gumbel.max_considered``, ``gumbel.c_visit``, ``gumbel.c_scale``, ``temperature``;
-the simulator agent also ``rollout.count`` and ``rollout.depth``.
+the simulator agent also ``rollout.count``, ``rollout.depth``, ``rollout.policy``, ``rollout.lr``
+and ``value.*`` (learned leaf value).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import torch
 from torch import Tensor
 
 from agents.base import Agent
-from agents.config import ConfigError, check_choice, check_float, check_int
+from agents.config import ConfigError, check_bool, check_choice, check_float, check_int
 from agents.planning.models import SimulatorModel, Snapshot, WorldModelModel
 from agents.planning.search import RULES, UNVISITED, SearchConfig, SearchResult, search
+from agents.planning.value import ValueLearner
 
 
 def search_config(node: Any, prefix: str = "agent.") -> SearchConfig:
@@ -97,6 +102,17 @@ class MCTSAgent(Agent):
         self.temperature = check_float(node, "temperature", "agent.", 0.0)
         self.rollouts = check_int(node, "rollout.count", "agent.", low=0)
         self.rollout_depth = check_int(node, "rollout.depth", "agent.", low=0)
+        self.value: ValueLearner | None = None
+        learn_value = check_bool(node, "value.learn", "agent.")
+        self.value_mix = check_float(node, "value.mix", "agent.", 0.0, 1.0) if learn_value else 0.0
+        self.learned_rollouts = (
+            check_choice(node, "rollout.policy", ["random", "learned"], "agent.") == "learned"
+        )
+        if learn_value or self.learned_rollouts:
+            self.value = _value_learner(node, obs_space, action_space, self.config, cfg)
+        self._pending_obs: np.ndarray | None = None  # vector obs of the last act
+        self._pending_action: np.ndarray | None = None  # [N] its actions (0-based)
+        self._truncated: np.ndarray | None = None  # [N] episode truncated, final obs next
         self.num_actions = int(action_space.n)
         self.action_start = int(action_space.start)
         self.env_cfg, self.seed = cfg.env, int(cfg.seed)
@@ -151,6 +167,8 @@ class MCTSAgent(Agent):
         if n != len(self.plan_envs):
             raise ValueError(f"act got {n} observations for {len(self.plan_envs)} bound envs")
         rngs = [np.random.default_rng(s) for s in self.rng.integers(0, 2**63 - 1, size=n)]
+        # before the first finished episode: random rollouts alone
+        learned = self.value is not None and self.value.trained
         model = SimulatorModel(
             self.plan_envs,
             self.num_actions,
@@ -159,20 +177,96 @@ class MCTSAgent(Agent):
             self.rollout_depth,
             self.config.discount,
             self.device,
+            value_fn=self.value.predict if learned and self.value_mix > 0 else None,
+            value_mix=self.value_mix if learned else 0.0,
+            rollout_policy=self.value.rollout_action if learned and self.learned_rollouts else None,
         )
+        if self.value is not None:
+            self._pending_obs = np.asarray(obs["vector"], np.float32).reshape(n, -1).copy()
         gumbel, dirichlet = root_noise(self.config, rngs, self.num_actions, explore)
-        result = search(model, None, self._root_states(), self.config, dirichlet, gumbel)
+        result = search(model, obs, self._root_states(), self.config, dirichlet, gumbel)
         self.last_result = result
         self.env_steps += model.env_steps
         actions = choose(result, self.config.rule, self.temperature, explore, self.rng)
+        self._pending_action = actions
         return actions + self.action_start, state
 
+    def observe(
+        self, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, valid: np.ndarray
+    ) -> None:
+        """Training steps only (evaluation never calls it): feed the learned leaf evaluation.
+
+        A valid step adds (obs and action of the last ``act``, reward) to env i's episode;
+        a termination fits on it with G_T = 0; a truncation waits for the final observation,
+        which the next ``act`` sees (its step is the autoreset, ``valid`` False), to
+        bootstrap G_T.
+        """
+        if self.value is None or self._pending_obs is None:
+            return
+        n = len(reward)
+        if self._truncated is None or len(self._truncated) != n:
+            self._truncated = np.zeros(n, bool)
+        for i in range(n):
+            if not valid[i]:  # the autoreset step: _pending_obs[i] is the final observation
+                if self._truncated[i]:
+                    self.value.finish(i, self._pending_obs[i])
+                    self._truncated[i] = False
+                self.value.drop(i)
+                continue
+            self.value.record(i, self._pending_obs[i], self._pending_action[i], reward[i])
+            if terminated[i]:
+                self.value.finish(i, None)
+            elif truncated[i]:
+                self._truncated[i] = True
+
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "env_steps": self.env_steps}
+        state = {"rng": self.rng.bit_generator.state, "env_steps": self.env_steps}
+        if self.value is not None:
+            state["value"] = self.value.state_dict()
+            truncated = self._truncated if self._truncated is not None else np.zeros(0, bool)
+            state["value_truncated"] = torch.as_tensor(truncated)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.env_steps = int(state["env_steps"])
+        if self.value is not None:
+            if "value" not in state:
+                raise ValueError(
+                    "the checkpoint has no learned leaf value; it was saved with "
+                    "agent.value.learn=false"
+                )
+            self.value.load_state_dict(state["value"])
+            self._truncated = state["value_truncated"].numpy().copy()
+
+
+def _value_learner(
+    node: Any, obs_space: gym.spaces.Dict, action_space: Any, config: SearchConfig, cfg: Any
+) -> ValueLearner:
+    """The learned leaf value / rollout policy from ``agent.value.*`` and ``agent.rollout.*``."""
+    space = obs_space.spaces.get("vector") if isinstance(obs_space, gym.spaces.Dict) else None
+    if space is None:
+        raise ConfigError(
+            "agent.value.learn=true and agent.rollout.policy=learned read flat observations "
+            f"(obs['vector']); env '{cfg.env.id}' gives {obs_space} (use "
+            "agent.value.learn=false agent.rollout.policy=random)"
+        )
+    p = "agent."
+    return ValueLearner(
+        obs_dim=int(np.prod(space.shape)),
+        num_actions=int(action_space.n),
+        num_envs=int(cfg.env.get("num_envs", 1)),
+        discount=config.discount,
+        value=check_bool(node, "value.learn", p),
+        policy=check_choice(node, "rollout.policy", ["random", "learned"], p) == "learned",
+        hidden=check_int(node, "value.hidden", p),
+        lr=check_float(node, "value.lr", p, 1e-9),
+        policy_lr=check_float(node, "rollout.lr", p, 1e-9),
+        batch_size=check_int(node, "value.batch_size", p),
+        updates=check_int(node, "value.updates", p, low=0),
+        capacity=check_int(node, "value.capacity", p),
+        seed=int(cfg.seed),
+    )
 
 
 class MCTSPlanner:

@@ -13,6 +13,7 @@ from agents.planning import gumbel as gz
 from agents.planning.models import SimulatorModel, WorldModelModel
 from agents.planning.search import SearchConfig, search
 from agents.planning.tree import Tree
+from agents.planning.value import ValueLearner
 from envs import get_state, make_env, make_vector_env
 from world_models.base import WorldModel
 
@@ -437,3 +438,126 @@ def test_mcts_keeps_cartpole_up():
         is_first[:] = False
     assert agent.env_steps > CARTPOLE_STEPS * 32  # every simulation stepped the simulator
     assert agent.last_result.visits.sum().item() == 32
+
+
+# ---------------------------------------------------------------- learned leaf value
+
+
+def test_value_returns_known_numbers_with_and_without_a_bootstrap():
+    assert ValueLearner.returns([1.0, 1.0, 1.0], 0.5) == [1.75, 1.5, 1.0]
+    assert ValueLearner.returns([1.0, 1.0, 1.0], 0.5, tail=4.0) == [2.25, 2.5, 3.0]
+
+
+def test_value_learner_overfits_one_episode():
+    learner = ValueLearner(2, 2, num_envs=1, discount=0.9, policy=True, updates=1500, lr=3e-3)
+    obs = np.linspace(-1, 1, 20, dtype=np.float32)[:, None] * np.array([1.0, -0.5], np.float32)
+    actions = (obs[:, 0] > 0).astype(int)  # push right when x > 0: linearly separable
+    for o, a in zip(obs, actions):
+        learner.record(0, o, a, 1.0)
+    targets = learner.finish(0, None)
+    assert learner.episodes == 1 and learner.size == 20
+    expected = ValueLearner.returns([1.0] * 20, 0.9)
+    assert np.allclose(targets.numpy(), expected)
+    assert np.abs(learner.predict(obs) - np.array(expected)).max() < 0.3  # returns 1.0 .. 8.8
+    rng = np.random.default_rng(0)
+    picks = [learner.rollout_action(obs[j], rng) for j in (0, 1, 18, 19) for _ in range(20)]
+    assert picks == [0] * 40 + [1] * 40  # the rollout policy learned the separable rule
+
+
+def _value_agent(**agent):
+    cfg = _cartpole_cfg(**{"value.learn": True, "value.updates": 5, **agent})
+    venv = make_vector_env(cfg.env, 1, seed=0)
+    mcts = MCTSAgent(cfg, venv.single_observation_space, venv.single_action_space, "cpu")
+    return mcts, venv
+
+
+def test_agent_feeds_terminated_and_truncated_episodes_to_its_value():
+    agent, _ = _value_agent(discount=0.5)
+    no, yes = np.zeros(1, bool), np.ones(1, bool)
+    agent._pending_action = np.ones(1, np.int64)
+    for t in range(3):  # three steps, the third terminates
+        agent._pending_obs = np.full((1, 4), t, np.float32)
+        agent.observe(np.ones(1), yes if t == 2 else no, no, yes)
+    assert agent.value.episodes == 1 and agent.value.size == 3
+    stored = agent.value.target[:3] * agent.value.scale
+    assert torch.allclose(stored, torch.tensor([1.75, 1.5, 1.0]))
+    assert agent.value.obs[:3, 0].tolist() == [0.0, 1.0, 2.0]
+    assert agent.value.action[:3].tolist() == [1, 1, 1]
+    for t in range(2):  # two steps, then a time limit: fitted only once the final obs is seen
+        agent._pending_obs = np.full((1, 4), 10 + t, np.float32)
+        agent.observe(np.ones(1), no, yes if t == 1 else no, yes)
+    assert agent.value.episodes == 1
+    final = np.full((1, 4), 7.0, np.float32)
+    tail = float(agent.value.predict(final)[0])
+    agent._pending_obs = final
+    agent.observe(np.zeros(1), no, no, no)  # the autoreset step
+    assert agent.value.episodes == 2 and agent.value.size == 5
+    stored = agent.value.target[3:5] * agent.value.scale
+    assert torch.allclose(stored, torch.tensor([1.5 + 0.25 * tail, 1.0 + 0.5 * tail]), atol=1e-5)
+
+
+def test_simulator_leaf_mixes_rollouts_and_the_learned_value():
+    cfg_env = {"family": "classic", "id": "CartPole-v1", "name": "cartpole"}
+    snap = get_state(make_env(cfg_env, seed=3))
+
+    def value_fn(obs):  # a known function of the child's observation
+        return 100.0 + 10.0 * obs[:, 0]
+
+    def leaf(mix, rollouts):
+        model = SimulatorModel(
+            [make_env(cfg_env, seed=9)],
+            2,
+            [np.random.default_rng(4)],
+            rollouts=rollouts,
+            rollout_depth=30,
+            value_fn=value_fn,
+            value_mix=mix,
+        )
+        emb, _, _ = model.root({"vector": np.zeros((1, 4), np.float32)}, [snap])
+        child, _, _, _, value = model.step(emb, torch.tensor([1]))
+        return child[0].obs, value.item()
+
+    obs, pure = leaf(1.0, rollouts=0)
+    assert pure == pytest.approx(100.0 + 10.0 * obs[0])
+    _, rollout = leaf(0.0, rollouts=2)
+    _, mixed = leaf(0.25, rollouts=2)
+    assert 0 < rollout <= 30
+    assert mixed == pytest.approx(0.75 * rollout + 0.25 * pure, rel=1e-5)
+
+
+def test_value_agent_checkpoint_round_trip(tmp_path):
+    agent, _ = _value_agent(**{"rollout.policy": "learned"})
+    yes, no = np.ones(1, bool), np.zeros(1, bool)
+    for t in range(6):
+        agent._pending_action = np.array([t % 2])
+        agent._pending_obs = np.random.default_rng(t).normal(size=(1, 4)).astype(np.float32)
+        agent.observe(np.ones(1), yes if t == 3 else no, no, yes)  # one episode + 2 pending
+    torch.save(agent.state_dict(), tmp_path / "a.pt")
+    other, _ = _value_agent(**{"rollout.policy": "learned"})
+    other.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
+    probe = np.random.default_rng(9).normal(size=(5, 4)).astype(np.float32)
+    assert np.array_equal(other.value.predict(probe), agent.value.predict(probe))
+    assert other.value.size == 4 and other.value._rew == agent.value._rew
+    assert other.value._act == agent.value._act == [[0, 1]]
+    assert np.array_equal(other.value._w, agent.value._w)
+    # both continue identically: the pending episode finishes and fits the same way
+    for a in (agent, other):
+        a._pending_obs, a._pending_action = np.ones((1, 4), np.float32), np.zeros(1, np.int64)
+        a.observe(np.ones(1), yes, no, yes)
+    assert np.array_equal(other.value.predict(probe), agent.value.predict(probe))
+
+
+def test_learned_value_needs_vector_observations():
+    import gymnasium as gym
+
+    cfg = _cartpole_cfg(**{"value.learn": True})
+    image = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
+    with pytest.raises(ConfigError, match="agent.value.learn"):
+        MCTSAgent(cfg, image, gym.spaces.Discrete(2), torch.device("cpu"))
+    cfg = _cartpole_cfg(**{"rollout.policy": "learned"})
+    with pytest.raises(ConfigError, match="agent.rollout.policy"):
+        MCTSAgent(cfg, image, gym.spaces.Discrete(2), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="agent.rollout.policy"):
+        _value_agent(**{"rollout.policy": "greedy"})
+    with pytest.raises(ConfigError, match="agent.value.mix"):
+        _value_agent(**{"value.mix": 1.5})

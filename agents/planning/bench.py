@@ -59,38 +59,64 @@ def bench_tree(simulations: int, roots: list[int], repeats: int = 5) -> None:
             )
 
 
-def bench_cartpole(simulations: int, envs: int, steps: int, rule: str, rollouts: int, depth: int):
+def bench_cartpole(
+    simulations: int,
+    envs: int,
+    steps: int,
+    rule: str,
+    rollouts: int,
+    depth: int,
+    episodes: int = 1,
+    learn_value: bool = False,
+    mix: float = 1.0,
+    seed: int = 0,
+    rollout_policy: str = "random",
+):
+    """Plays ``episodes`` episodes per env (stopping early after ``steps`` acts), as the
+    trainer does: act, step, observe (a learned leaf value fits on every finished episode)."""
     from agents.mcts import MCTSAgent
     from envs import make_vector_env
 
     node = OmegaConf.load("configs/agent/mcts.yaml")
     node.simulations, node.rule = simulations, rule
     node.rollout.count, node.rollout.depth = rollouts, depth
+    node.value.learn, node.value.mix = learn_value, mix
+    node.rollout.policy = rollout_policy
     cfg = OmegaConf.create(
-        {"seed": 0, "env": {"family": "classic", "id": "CartPole-v1", "name": "cartpole"}}
+        {
+            "seed": seed,
+            "env": {"family": "classic", "id": "CartPole-v1", "name": "cartpole", "num_envs": envs},
+        }
     )
     cfg.agent = node
-    venv = make_vector_env(cfg.env, envs, seed=0)
+    venv = make_vector_env(cfg.env, envs, seed=seed)
     agent = MCTSAgent(cfg, venv.single_observation_space, venv.single_action_space, "cpu")
     agent.bind_env(venv)
-    obs, _ = venv.reset(seed=0)
-    is_first = np.ones(envs, bool)
-    returns, alive = np.zeros(envs), np.ones(envs, bool)
-    start = time.perf_counter()
-    done_steps = 0
+    obs, _ = venv.reset(seed=seed)
+    is_first, is_last = np.ones(envs, bool), np.zeros(envs, bool)
+    ep_return = np.zeros(envs)
+    returns: list[list[float]] = [[] for _ in range(envs)]
+    start, acted = time.perf_counter(), 0
     for _ in range(steps):
+        if min(len(r) for r in returns) >= episodes:
+            break
         actions, _ = agent.act({**obs, "is_first": is_first}, None, explore=True)
         obs, reward, terminated, truncated, _ = venv.step(actions)
-        returns += reward * alive
-        alive &= ~(terminated | truncated)
-        is_first[:] = False
-        done_steps += 1
-        if not alive.any():
-            break
+        valid = ~is_last
+        agent.observe(reward, terminated, truncated, valid)
+        acted += int(valid.sum())
+        ep_return += np.where(valid, reward, 0.0)
+        is_first, is_last = is_last.copy(), terminated | truncated
+        for i in np.flatnonzero(is_last & valid):
+            returns[i].append(float(ep_return[i]))
+            print(f"  env {i} episode {len(returns[i])}: {ep_return[i]:.0f}", flush=True)
+            ep_return[i] = 0.0
     dt = time.perf_counter() - start
+    value = f" learned value (mix {mix})" if learn_value else ""
+    value += f" {rollout_policy} rollouts"
     print(
-        f"cartpole {rule} sims={simulations} rollout={rollouts}x{depth} envs={envs}: "
-        f"returns {returns.tolist()}, {dt:.1f}s, {done_steps * envs * simulations / dt:.0f} "
+        f"cartpole {rule} sims={simulations} rollout={rollouts}x{depth}{value} envs={envs} "
+        f"seed={seed}: returns {returns}, {dt:.1f}s, {acted * simulations / dt:.0f} "
         f"simulations/s, {agent.env_steps / dt:.0f} simulator steps/s"
     )
 
@@ -105,13 +131,30 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=1)
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--roots", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--episodes", type=int, default=1, help="episodes per env (cartpole)")
+    p.add_argument("--learn-value", action="store_true", help="agent.value.learn=true")
+    p.add_argument("--mix", type=float, default=1.0, help="agent.value.mix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rollout-policy", default="random", choices=["random", "learned"])
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.what == "tree":
         bench_tree(a.simulations, a.roots)
     else:
-        bench_cartpole(a.simulations, a.envs, a.steps, a.rule, a.rollouts, a.depth)
+        bench_cartpole(
+            a.simulations,
+            a.envs,
+            a.steps,
+            a.rule,
+            a.rollouts,
+            a.depth,
+            a.episodes,
+            a.learn_value,
+            a.mix,
+            a.seed,
+            a.rollout_policy,
+        )
 
 
 if __name__ == "__main__":
