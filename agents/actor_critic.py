@@ -142,6 +142,14 @@ def _adam(params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Adam
     return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
+def _adamw(groups: list[dict], lr: float, eps: float) -> torch.optim.AdamW:
+    """AdamW over parameter groups (``lr``/``weight_decay`` per group, else ``lr`` and no
+    decay: plain Adam), fused and capturable on GPU like ``_adam``."""
+    cuda = any(p.is_cuda for g in groups for p in g["params"])
+    kwargs = {"fused": True, "capturable": True} if cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, eps=eps, weight_decay=0.0, **kwargs)
+
+
 class ActorCritic(nn.Module):
     """Actor, critic and slow critic learning inside any WorldModel. See the module docstring.
 

@@ -4,7 +4,7 @@ Reads like DreamerV3's algorithm (Hafner et al. 2023, arXiv:2301.04104, Sec. 2-3
 
 1. act: filter the latent state with each real observation, h_t, z_t ~ q(z_t | h_t, x_t),
    and sample a_t ~ π(a_t | s_t) (the mode when evaluating);
-2. update: on a replayed batch [B, T], train the world model (paper Eq. 4-5, its own Adam
+2. update: on a replayed batch [B, T], train the world model (paper Eq. 4-5, its own AdamW
    and gradient clipping), then train the actor and critic on H-step dreams started from
    the detached posterior states (the last ``agent.imag_last`` rows of each sequence, or all
    B*T rows as in the paper with ``imag_last=0``; agents/actor_critic.py).
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.actor_critic import ActorCritic, _adam
+from agents.actor_critic import ActorCritic, _adamw
 from agents.base import Agent
 from agents.config import ConfigError, check_choice, check_float, check_int
 from agents.mcts import MCTSPlanner
@@ -92,9 +92,13 @@ class DreamerAgent(Agent):
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         p = "world_model."
         self.model_clip = check_float(wm_cfg, "grad_clip", p, 0.0)
-        self.model_opt = _adam(
-            list(self.world_model.parameters()),
-            check_float(wm_cfg, "lr", p, 0.0),
+        # AdamW over the world model's groups (IRIS: per-part lrs, decay on Linear weights);
+        # world_model.lr serves groups without their own (RSSM: the one group of everything)
+        groups = self.world_model.param_groups()
+        own_lr = all("lr" in g for g in groups) and "lr" not in wm_cfg
+        self.model_opt = _adamw(
+            groups,
+            0.0 if own_lr else check_float(wm_cfg, "lr", p, 0.0),
             check_float(wm_cfg, "eps", p, 0.0),
         )
 

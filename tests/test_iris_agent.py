@@ -163,3 +163,21 @@ def test_presets_compose_with_seq_len_fitting_the_context():
         assert cfg.world_model.name == "transformer"
         t, ctx = cfg.agent.seq_len, cfg.world_model.context_blocks
         assert t <= ctx or t % ctx == 0, preset
+
+
+def test_dreamer_optimises_iris_per_part_with_its_config_lrs():
+    """tokenizer_lr / transformer_lr / weight_decay reach the world model's AdamW groups."""
+    cfg = compose_cfg([*TINY, "world_model.tokenizer_lr=1e-3", "world_model.transformer_lr=2e-4"])
+    obs_space, action_space = spaces_for(cfg)
+    agent = make_agent(cfg, obs_space, action_space, torch.device("cpu"))
+    groups = agent.model_opt.param_groups
+    assert isinstance(agent.model_opt, torch.optim.AdamW)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [
+        (1e-3, 0.0),
+        (2e-4, 0.01),
+        (2e-4, 0.0),
+    ]
+    tok = {id(q) for q in agent.world_model.tokenizer.parameters()}
+    assert {id(q) for q in groups[0]["params"]} == tok
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(agent.world_model.parameters()))

@@ -78,3 +78,9 @@ class WorldModel(nn.Module, ABC):
     @abstractmethod
     def features(self, state: State) -> torch.Tensor:
         """The vector [..., F] that actors, critics and planners read."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups for the learner's AdamW. Groups without their own
+        ``lr`` / ``weight_decay`` get ``world_model.lr`` and no decay; the default is one
+        group of every parameter (IRIS overrides it: per-part lrs and decay)."""
+        return [{"params": list(self.parameters())}]
