@@ -506,6 +506,12 @@ class BanditAgent(Agent):
             a = torch.tensor([int(self.last_actions[i])])
             self.policy.update(a, torch.tensor([float(reward[i])], dtype=F64))
 
+    def rng_state(self) -> dict:
+        return self.rng.state_dict()
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.load_state_dict(state)
+
     def state_dict(self) -> dict:
         return {
             "policy": self.policy.state_dict(),

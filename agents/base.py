@@ -51,6 +51,15 @@ class Agent(ABC):
         """False for agents (random, bandits on their own) that need no replay updates."""
         return True
 
+    def rng_state(self) -> Any:
+        """The agent's private random streams (not torch's/numpy's global ones), or None.
+        ``agents/evaluate.py`` restores them after evaluating, as it does the global RNGs,
+        so evaluating never changes what training samples next."""
+        return None
+
+    def set_rng_state(self, state: Any) -> None:
+        """Restore what ``rng_state`` returned."""
+
     @abstractmethod
     def state_dict(self) -> dict:
         """Everything needed to continue learning: weights, optimisers, counters."""

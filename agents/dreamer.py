@@ -33,7 +33,7 @@ from torch import nn
 
 from agents.actor_critic import ActorCritic, _adamw
 from agents.base import Agent
-from agents.config import ConfigError, check_choice, check_float, check_int
+from agents.config import ConfigError, check_bool, check_choice, check_float, check_int
 from agents.mcts import MCTSPlanner
 from world_models import make_world_model
 from world_models.base import State
@@ -90,6 +90,12 @@ class DreamerAgent(Agent):
         if "precision" in cfg.agent:
             precision = check_choice(cfg.agent, "precision", ("fp32", "bf16"), "agent.")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        # agent.compile: torch.compile the world-model loss (forward, and backward through
+        # AOTAutograd); absent from configs saved before the key existed
+        compiled = "compile" in cfg.agent and check_bool(cfg.agent, "compile", "agent.")
+        self.model_loss = (
+            torch.compile(self.world_model.loss) if compiled else self.world_model.loss
+        )
         p = "world_model."
         self.model_clip = check_float(wm_cfg, "grad_clip", p, 0.0)
         # AdamW over the world model's groups (IRIS: per-part lrs, decay on Linear weights);
@@ -166,7 +172,7 @@ class DreamerAgent(Agent):
         """World-model step then actor-critic step on a replay batch [B, T, ...]."""
         data, replay = self.model_inputs(batch)
         with self._autocast():
-            loss, metrics, post = self.world_model.loss(data)
+            loss, metrics, post = self.model_loss(data)
         self.model_opt.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.world_model.parameters())
@@ -190,6 +196,14 @@ class DreamerAgent(Agent):
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
 
     # ------------------------------------------------------------------ checkpoints
+    def rng_state(self) -> dict | None:
+        """The latent planner's generator (its only private stream), or None."""
+        return None if self.planner is None else self.planner.state_dict()
+
+    def set_rng_state(self, state: dict | None) -> None:
+        if self.planner is not None and state is not None:
+            self.planner.load_state_dict(state)
+
     def state_dict(self) -> dict:
         """World model, actor-critic (with slow critic and return normaliser), all optimisers."""
         state = {

@@ -33,33 +33,37 @@ def evaluate(
     lengths: list[int] = []
     frames: list[np.ndarray] = []
     recording = video_path is not None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        obs, _ = env.reset(seed=seed)
-        state = None
-        is_first = np.ones(num_envs, bool)
-        is_last = np.zeros(num_envs, bool)
-        ep_return = np.zeros(num_envs)
-        ep_length = np.zeros(num_envs, np.int64)
-        if hasattr(agent, "bind_env"):
-            agent.bind_env(env)
-        while len(returns) < episodes:
-            if recording and "image" in obs:
-                frames.append(np.asarray(obs["image"][0]))
-            action, state = agent.act({**obs, "is_first": is_first}, state, explore=explore)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            valid = ~is_last
-            ep_return += np.where(valid, reward, 0.0)
-            ep_length += valid
-            is_first = is_last.copy()
-            is_last = np.asarray(terminated, bool) | np.asarray(truncated, bool)
-            for i in np.flatnonzero(is_last & valid):
-                if len(returns) < episodes:
-                    returns.append(float(ep_return[i]))
-                    lengths.append(int(ep_length[i]))
-                if i == 0:
-                    recording = False
-                ep_return[i], ep_length[i] = 0.0, 0
+    private = agent.rng_state()  # the agent's own streams, restored like the global ones
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            obs, _ = env.reset(seed=seed)
+            state = None
+            is_first = np.ones(num_envs, bool)
+            is_last = np.zeros(num_envs, bool)
+            ep_return = np.zeros(num_envs)
+            ep_length = np.zeros(num_envs, np.int64)
+            if hasattr(agent, "bind_env"):
+                agent.bind_env(env)
+            while len(returns) < episodes:
+                if recording and "image" in obs:
+                    frames.append(np.asarray(obs["image"][0]))
+                action, state = agent.act({**obs, "is_first": is_first}, state, explore=explore)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                valid = ~is_last
+                ep_return += np.where(valid, reward, 0.0)
+                ep_length += valid
+                is_first = is_last.copy()
+                is_last = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+                for i in np.flatnonzero(is_last & valid):
+                    if len(returns) < episodes:
+                        returns.append(float(ep_return[i]))
+                        lengths.append(int(ep_length[i]))
+                    if i == 0:
+                        recording = False
+                    ep_return[i], ep_length[i] = 0.0, 0
+    finally:
+        agent.set_rng_state(private)
     env.close()
     if video_path is not None and frames:
         _write_video(Path(video_path), frames, fps)

@@ -219,6 +219,12 @@ class MCTSAgent(Agent):
             elif truncated[i]:
                 self._truncated[i] = True
 
+    def rng_state(self) -> dict:
+        return self.rng.bit_generator.state  # a fresh dict
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
     def state_dict(self) -> dict:
         state = {"rng": self.rng.bit_generator.state, "env_steps": self.env_steps}
         if self.value is not None:

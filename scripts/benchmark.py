@@ -154,7 +154,7 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
 
     def model_step():
         with agent._autocast():
-            loss, _, post = wm.loss(data)
+            loss, _, post = agent.model_loss(data)
         agent.model_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(wm.parameters()), agent.model_clip, foreach=True)

@@ -258,3 +258,34 @@ def test_bf16_update_matches_fp32_losses(obs_space):
 def test_precision_is_validated():
     with pytest.raises(ConfigError, match="agent.precision"):
         DreamerAgent(full_cfg(**{"agent.precision": "fp8"}), VECTOR, DISCRETE)
+
+
+def test_compiled_world_model_loss_matches_eager(monkeypatch):
+    """agent.compile=true: torch.compile'd world-model loss and its gradients equal eager's on
+    the same weights and batch (tolerance: fused kernels reorder float sums). Inductor draws
+    its own random numbers unless told to use eager's: here it must, to sample the same z."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch._dynamo.reset()
+    out = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        agent = DreamerAgent(
+            full_cfg(**{"agent.compile": compiled, "agent.seq_len": 2}), VECTOR, DISCRETE
+        )
+        data, _ = agent.model_inputs(fake_batch(agent, VECTOR, DISCRETE))
+        loss, metrics, post = agent.model_loss(data)
+        loss.backward()
+        grads = [p.grad.clone() for p in agent.world_model.parameters() if p.grad is not None]
+        out[compiled] = (loss.detach(), metrics, post, grads)
+    (l0, m0, p0, g0), (l1, m1, p1, g1) = out[False], out[True]
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-4)
+    for key in ("reward_loss", "cont_loss"):
+        assert m1[key].item() == pytest.approx(m0[key].item(), rel=1e-4, abs=1e-6), key
+    assert torch.allclose(p1["deter"], p0["deter"], atol=1e-5)
+    assert len(g1) == len(g0) > 0
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ConfigError, match="agent.compile"):
+        DreamerAgent(full_cfg(**{"agent.compile": "yes"}), VECTOR, DISCRETE)

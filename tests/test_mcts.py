@@ -561,3 +561,56 @@ def test_learned_value_needs_vector_observations():
         _value_agent(**{"rollout.policy": "greedy"})
     with pytest.raises(ConfigError, match="agent.value.mix"):
         _value_agent(**{"value.mix": 1.5})
+
+
+def test_trainer_run_with_a_learned_rollout_policy_resumes_identically(tmp_path):
+    """agent=mcts agent.rollout.policy=learned through the Trainer: the policy fits on the
+    finished training episodes, and a run split by a checkpoint ends where the whole run does."""
+    from agents.checkpoint import checkpoint_path, load_checkpoint
+    from agents.trainer import Trainer
+    from tests.test_trainer import make_cfg
+
+    def cfg(run_dir, total):
+        return make_cfg(
+            run_dir,
+            [
+                "agent=mcts",
+                "env=cartpole",
+                "agent.simulations=4",
+                "agent.rollout.depth=10",
+                "agent.rollout.policy=learned",
+                "agent.value.updates=20",
+                f"trainer.total_steps={total}",
+                "trainer.eval_every=0",
+                "trainer.eval_episodes=1",
+                "trainer.checkpoint_every=60",
+                "trainer.log_every=60",
+                "trainer.stop_when_solved=false",
+            ],
+        )
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    full.mkdir(), split.mkdir()
+    Trainer(cfg(full, 240), full).run()
+    Trainer(cfg(split, 120), split).run()
+    Trainer(cfg(split, 240), split, resume=True).run()
+    a = load_checkpoint(checkpoint_path(full))["agent"]
+    b = load_checkpoint(checkpoint_path(split))["agent"]
+    assert a["value"]["episodes"] >= 2  # several short episodes finished and were fitted
+    assert a["value"]["obs"].shape[0] == sum(1 for _ in a["value"]["action"])
+    for key in ("obs", "action", "target"):
+        assert torch.equal(a["value"][key], b["value"][key]), key
+    for key in ("weight", "bias"):
+        assert torch.equal(a["value"]["policy"][key], b["value"]["policy"][key]), key
+    assert a["rng"] == b["rng"]
+
+
+def test_evaluating_leaves_the_agents_own_rng_where_it_was():
+    from agents.evaluate import evaluate
+
+    agent, venv = _value_agent(simulations=2, **{"rollout.depth": 5})
+    agent.bind_env(venv)
+    before = agent.rng_state()
+    result = evaluate(agent, agent.env_cfg, episodes=1, seed=3)
+    assert result["returns"][0] > 0
+    assert agent.rng_state() == before
