@@ -91,11 +91,13 @@ class DreamerAgent(Agent):
             precision = check_choice(cfg.agent, "precision", ("fp32", "bf16"), "agent.")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         # agent.compile: torch.compile the world-model loss (forward, and backward through
-        # AOTAutograd); absent from configs saved before the key existed
+        # AOTAutograd) and the imagination rollout; absent from configs saved before the key
         compiled = "compile" in cfg.agent and check_bool(cfg.agent, "compile", "agent.")
         self.model_loss = (
             torch.compile(self.world_model.loss) if compiled else self.world_model.loss
         )
+        if compiled:  # the H-step dream too (the instance attribute shadows the method)
+            self.actor_critic.imagine = torch.compile(self.actor_critic.imagine)
         p = "world_model."
         self.model_clip = check_float(wm_cfg, "grad_clip", p, 0.0)
         # AdamW over the world model's groups (IRIS: per-part lrs, decay on Linear weights);

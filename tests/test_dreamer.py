@@ -260,10 +260,11 @@ def test_precision_is_validated():
         DreamerAgent(full_cfg(**{"agent.precision": "fp8"}), VECTOR, DISCRETE)
 
 
-def test_compiled_world_model_loss_matches_eager(monkeypatch):
-    """agent.compile=true: torch.compile'd world-model loss and its gradients equal eager's on
-    the same weights and batch (tolerance: fused kernels reorder float sums). Inductor draws
-    its own random numbers unless told to use eager's: here it must, to sample the same z."""
+def test_compiled_world_model_loss_and_dream_match_eager(monkeypatch):
+    """agent.compile=true: the torch.compile'd world-model loss, its gradients and the compiled
+    imagination equal eager's on the same weights, batch and seed (tolerance: fused kernels
+    reorder float sums). Inductor draws its own random numbers unless told to use eager's:
+    here it must, to sample the same latents and actions."""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "fallback_random", True)
@@ -278,8 +279,12 @@ def test_compiled_world_model_loss_matches_eager(monkeypatch):
         loss, metrics, post = agent.model_loss(data)
         loss.backward()
         grads = [p.grad.clone() for p in agent.world_model.parameters() if p.grad is not None]
-        out[compiled] = (loss.detach(), metrics, post, grads)
-    (l0, m0, p0, g0), (l1, m1, p1, g1) = out[False], out[True]
+        start, _ = agent.actor_critic._starts(post, data["is_terminal"])
+        torch.manual_seed(1)
+        with torch.no_grad():
+            dream = agent.actor_critic.imagine(agent.world_model, start, 3)
+        out[compiled] = (loss.detach(), metrics, post, grads, dream)
+    (l0, m0, p0, g0, d0), (l1, m1, p1, g1, d1) = out[False], out[True]
     assert l1.item() == pytest.approx(l0.item(), rel=1e-4)
     for key in ("reward_loss", "cont_loss"):
         assert m1[key].item() == pytest.approx(m0[key].item(), rel=1e-4, abs=1e-6), key
@@ -287,5 +292,8 @@ def test_compiled_world_model_loss_matches_eager(monkeypatch):
     assert len(g1) == len(g0) > 0
     for a, b in zip(g0, g1):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert torch.equal(d1["action"], d0["action"])  # the same sampled actions
+    for key in ("feat", "reward", "cont"):
+        assert torch.allclose(d1[key], d0[key], atol=1e-4), key
     with pytest.raises(ConfigError, match="agent.compile"):
         DreamerAgent(full_cfg(**{"agent.compile": "yes"}), VECTOR, DISCRETE)
