@@ -109,7 +109,9 @@ class MCTSAgent(Agent):
             check_choice(node, "rollout.policy", ["random", "learned"], "agent.") == "learned"
         )
         if learn_value or self.learned_rollouts:
-            self.value = _value_learner(node, obs_space, action_space, self.config, cfg)
+            self.value = _value_learner(
+                node, obs_space, action_space, self.config, cfg, learn_value, self.learned_rollouts
+            )
         self._pending_obs: np.ndarray | None = None  # vector obs of the last act
         self._pending_action: np.ndarray | None = None  # [N] its actions (0-based)
         self._truncated: np.ndarray | None = None  # [N] episode truncated, final obs next
@@ -247,9 +249,16 @@ class MCTSAgent(Agent):
 
 
 def _value_learner(
-    node: Any, obs_space: gym.spaces.Dict, action_space: Any, config: SearchConfig, cfg: Any
+    node: Any,
+    obs_space: gym.spaces.Dict,
+    action_space: Any,
+    config: SearchConfig,
+    cfg: Any,
+    value: bool,
+    policy: bool,
 ) -> ValueLearner:
-    """The learned leaf value / rollout policy from ``agent.value.*`` and ``agent.rollout.*``."""
+    """The learned leaf value (``value``) and/or rollout policy (``policy``), sized from
+    ``agent.value.*`` and ``agent.rollout.lr``."""
     space = obs_space.spaces.get("vector") if isinstance(obs_space, gym.spaces.Dict) else None
     if space is None:
         raise ConfigError(
@@ -263,8 +272,8 @@ def _value_learner(
         num_actions=int(action_space.n),
         num_envs=int(cfg.env.get("num_envs", 1)),
         discount=config.discount,
-        value=check_bool(node, "value.learn", p),
-        policy=check_choice(node, "rollout.policy", ["random", "learned"], p) == "learned",
+        value=value,
+        policy=policy,
         hidden=check_int(node, "value.hidden", p),
         lr=check_float(node, "value.lr", p, 1e-9),
         policy_lr=check_float(node, "rollout.lr", p, 1e-9),

@@ -29,8 +29,8 @@ class ValueLearner:
     """V(obs) and a linear rollout policy for flat observations [D], fitted on finished
     episodes of N parallel envs.
 
-    Feed it with ``record(i, obs, action)`` when env i steps and ``reward(i, r)`` after;
-    close an episode with ``finish(i, final_obs or None)`` (None: terminated, value 0 after
+    Feed it with ``record(i, obs, action, reward)`` for every step env i takes; close an
+    episode with ``finish(i, final_obs or None)`` (None: terminated, value 0 after
     it). Each finished episode adds its (obs, action, target) rows to a ring buffer of
     ``capacity`` rows and runs ``updates`` Adam steps on minibatches of ``batch_size`` rows
     (the value's MSE when ``value``, the policy's cross-entropy when ``policy``).
