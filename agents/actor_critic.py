@@ -21,8 +21,8 @@ arXiv:2301.04104, Sec. 3 "Actor Critic Learning") and the official code:
   end count for nothing.
 
 The update is written for speed: static shapes, no ``.item()``/``.cpu()``, no branching on
-tensor values, Gumbel-max sampling, metrics returned as tensors, fused (CUDA) or foreach
-(CPU) Adam. The world model's parameters never receive gradients from these losses.
+tensor values, inverse-CDF categorical sampling, metrics returned as tensors, fused (CUDA) or
+foreach (CPU) Adam. The world model's parameters never receive gradients from these losses.
 
 Shape symbols (docs/shapes.md): B batch, T sequence, N = number of imagination starts,
 H horizon, F feature size, A action size (one-hot size for discrete actions), K critic bins.
@@ -278,8 +278,8 @@ class ActorCritic(nn.Module):
     ) -> torch.Tensor:
         """An action [..., A] (one-hot for discrete, unclipped Normal sample for continuous).
 
-        Discrete samples are Gumbel-max with straight-through gradients; continuous ones are
-        reparameterised. ``explore=False`` gives the mode.
+        Discrete samples are one-hots (``sample_onehot``) with straight-through gradients;
+        continuous ones are reparameterised. ``explore=False`` gives the mode.
         """
         a, b = params
         if self.discrete:
@@ -315,7 +315,9 @@ class ActorCritic(nn.Module):
         return self.twohot.decode(net(feat))
 
     # ------------------------------------------------------------------ imagination
-    def imagine(self, world_model: WorldModel, start: State, horizon: int) -> dict[str, Any]:
+    def imagine(
+        self, world_model: WorldModel, start: State, horizon: int, keep_policy: bool = False
+    ) -> dict[str, Any]:
         """Roll every start state H steps in the world model with the actor's actions.
 
         start: states [N, ...] (already flat and detached). Returns ``feat`` [N, H+1, F] for
@@ -323,12 +325,22 @@ class ActorCritic(nn.Module):
         ``cont`` [N, H+1] predicted on arriving at s_t (index 0 is filled by the caller).
         Gradients flow through the dynamics into the actions only when the caller has grad
         enabled (``actor_grad: dynamics``); the actor always reads detached features.
+        ``keep_policy`` also returns ``policy``, the actor's distribution parameters at
+        s_0..s_{H-1} ([N, H, ...] each) with their graph, so the actor loss reuses this forward
+        pass instead of running the actor over all N x H states again.
         """
         state = start
         feat = world_model.features(state)  # [N, F]
-        feats, actions, rewards, conts = [feat], [], [], []
+        feats, actions, rewards, conts, policies = [feat], [], [], [], []
+        dynamics = torch.is_grad_enabled()
         for _ in range(horizon):
-            action = self.sample(self.policy(feat.detach()))  # [N, A]
+            with torch.set_grad_enabled(dynamics or keep_policy):
+                params = self.policy(feat.detach())
+            if not dynamics:  # REINFORCE: the sample is a constant
+                params_for_action = tuple(p.detach() for p in params)
+            else:
+                params_for_action = params
+            action = self.sample(params_for_action)  # [N, A]
             if not self.discrete:
                 action = action.clamp(-1.0, 1.0)  # the env's range
             state, reward, cont = world_model.imagine_step(state, action)
@@ -337,13 +349,20 @@ class ActorCritic(nn.Module):
             actions.append(action)
             rewards.append(reward)
             conts.append(cont)
+            policies.append(params)
         zero = torch.zeros_like(rewards[0])  # [N]
-        return {
+        traj = {
             "feat": torch.stack(feats, 1),  # [N, H+1, F]
             "action": torch.stack(actions, 1),  # [N, H, A]
             "reward": torch.stack([zero, *rewards], 1),  # [N, H+1]
             "cont": torch.stack([zero, *conts], 1),  # [N, H+1]
         }
+        if keep_policy:
+            with torch.enable_grad():  # stacking under no_grad would cut the graph
+                parts = 1 if self.discrete else 2  # discrete: both entries are the same log-probs
+                stacked = [torch.stack([p[i] for p in policies], 1) for i in range(parts)]
+            traj["policy"] = (stacked[0], stacked[-1])  # [N, H, A] each
+        return traj
 
     # ------------------------------------------------------------------ learning
     def _starts(self, start: State, start_is_terminal: torch.Tensor) -> tuple[State, torch.Tensor]:
@@ -376,14 +395,21 @@ class ActorCritic(nn.Module):
         with autocast():  # forward passes only: backward and optimiser steps run outside
             dynamics = self.actor_grad == "dynamics"
             with torch.set_grad_enabled(dynamics):
-                traj = self.imagine(world_model, start, self.horizon)
+                traj = self.imagine(world_model, start, self.horizon, keep_policy=True)
                 cont = traj["cont"]  # [N, H+1]
                 if self.imag_cont == "mode":
                     cont = (cont > 0.5).to(cont.dtype)
                 cont = torch.cat([1.0 - is_terminal.to(cont.dtype)[:, None], cont[:, 1:]], 1)
                 feat = traj["feat"]  # [N, H+1, F]
-                value = self.value(feat)  # [N, H+1]; grads reach the features only in dynamics mode
-                ret = lambda_return(traj["reward"], cont, value, self.lam, self.gamma)  # [N, H]
+            # The critic runs on all H+1 states (contiguous tensors: slicing off s_H made
+            # strided copies and a batched-matmul fallback); the loss weights s_H by 0.
+            if dynamics:  # the actor's gradient reaches the features through the value
+                value = self.value(feat)  # [N, H+1]
+                logits = self.critic(feat.detach())  # [N, H+1, K], the critic's own graph
+            else:  # one critic pass serves the returns (detached) and the critic loss
+                logits = self.critic(feat.detach())  # [N, H+1, K]
+                value = self.twohot.decode(logits.detach())  # [N, H+1]
+            ret = lambda_return(traj["reward"], cont, value, self.lam, self.gamma)  # [N, H]
             cont = cont.detach()
             # w_t = γ^t ∏_{i<=t} c_i: nothing after a predicted episode end counts
             weight = torch.cumprod(self.gamma * cont, 1)[:, :-1] / self.gamma  # [N, H]
@@ -392,8 +418,7 @@ class ActorCritic(nn.Module):
             adv = (ret - value[:, :-1]) / scale  # [N, H]
 
             # actor (Eq. 8): REINFORCE or dynamics backprop, plus entropy, on the normalised scale
-            sfeat = feat[:, :-1].detach()  # [N, H, F]
-            params = self.policy(sfeat)
+            params = traj["policy"]  # π at s_0..s_{H-1}, [N, H, A] each, from the imagination
             entropy = self.entropy(params)  # [N, H]
             if dynamics:
                 pg = -adv
@@ -401,15 +426,16 @@ class ActorCritic(nn.Module):
                 pg = -self.log_prob(params, traj["action"].detach()) * adv.detach()
             actor_loss = ((pg - self.entropy_scale * entropy) * weight).mean()
 
-            # critic: two-hot cross-entropy to the λ-return plus the slow-critic regulariser
-            logits = self.critic(sfeat)  # [N, H, K]
-            target = ret.detach()  # [N, H]
-            with torch.no_grad():
-                slow_target = self.value(sfeat, slow=True)  # [N, H]
-            critic_loss = self.twohot.loss(logits, target) + self.slow_reg * self.twohot.loss(
-                logits, slow_target
-            )
-            critic_loss = (critic_loss * weight).mean()
+            # critic: two-hot cross-entropy to the λ-return plus the slow-critic regulariser,
+            # over s_0..s_H with s_H's weight 0 (its target is a placeholder: its own value)
+            target = torch.cat([ret, value[:, -1:]], 1).detach()  # [N, H+1]
+            critic_loss = self.twohot.loss(logits, target)  # [N, H+1]
+            if self.slow_reg > 0:
+                with torch.no_grad():
+                    slow_target = self.value(feat.detach(), slow=True)  # [N, H+1]
+                critic_loss = critic_loss + self.slow_reg * self.twohot.loss(logits, slow_target)
+            critic_weight = torch.cat([weight, torch.zeros_like(weight[:, :1])], 1)  # [N, H+1]
+            critic_loss = (critic_loss * critic_weight).sum() / weight.numel()  # mean over N x H
             metrics = {}
             if self.repval > 0 and replay is not None:
                 repval_loss = self._replay_value_loss(
@@ -471,11 +497,11 @@ class ActorCritic(nn.Module):
         )  # [B, K-1]
         sfeat = feat.reshape(bsz, k, -1)[:, :-1]  # [B, K-1, F]
         logits = self.critic(sfeat)  # [B, K-1, bins]
-        with torch.no_grad():
-            slow_target = self.value(sfeat, slow=True)  # [B, K-1]
-        loss = self.twohot.loss(logits, target) + self.slow_reg * self.twohot.loss(
-            logits, slow_target
-        )  # [B, K-1]
+        loss = self.twohot.loss(logits, target)  # [B, K-1]
+        if self.slow_reg > 0:
+            with torch.no_grad():
+                slow_target = self.value(sfeat, slow=True)  # [B, K-1]
+            loss = loss + self.slow_reg * self.twohot.loss(logits, slow_target)
         mask = 1.0 - rows["is_last"][:, :-1].to(loss.dtype)  # a last row has no real successor
         return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 

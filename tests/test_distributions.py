@@ -91,7 +91,20 @@ def test_unimix_probabilities():
     torch.testing.assert_close(unimix(logits[:1], 0.0).exp(), torch.tensor([[0.25, 0.75]]))
 
 
-def test_gumbel_max_sample_frequencies():
+def test_twohot_loss_equals_cross_entropy_with_encode_including_edges():
+    th = TwoHot()  # 255 bins over [-20, 20]
+    target = torch.tensor([0.0, 1.0, -3.7, 250.0, symexp(torch.tensor(25.0)).item(), -1e12])
+    target = torch.cat([target, symexp(th.bins[[3, 128, 200]])])  # exactly on bin centres
+    logits = torch.randn(len(target), 255, requires_grad=True)
+    dense = -(th.encode(target) * torch.log_softmax(logits, -1)).sum(-1)
+    (g_dense,) = torch.autograd.grad(dense.sum(), logits)
+    loss = th.loss(logits, target)
+    (g_loss,) = torch.autograd.grad(loss.sum(), logits)
+    torch.testing.assert_close(loss, dense)
+    torch.testing.assert_close(g_loss, g_dense)
+
+
+def test_sample_frequencies_and_zero_probability_classes():
     probs = torch.tensor([0.1, 0.2, 0.7])
     logits = probs.log().expand(20000, 3)
     gen = torch.Generator().manual_seed(0)
@@ -104,6 +117,10 @@ def test_gumbel_max_sample_frequencies():
         logits, straight_through=False, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(samples, again)
+    # a class of probability 0 is never drawn, wherever it sits
+    logits = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0]).log().expand(20000, 5)
+    picks = sample_onehot(logits, straight_through=False, generator=gen).sum(0)
+    assert picks[[0, 1, 4]].sum() == 0 and picks[2] > 9000 and picks[3] > 9000
 
 
 def test_straight_through_gradient_is_that_of_the_probabilities():

@@ -10,7 +10,7 @@ means and log-stds). The loss is the mixture NLL averaged over batch, time and Z
 
 Temperature (official ``rnn.py``): mixture logits are divided by tau and the chosen
 Gaussian's std is multiplied by sqrt(tau); tau -> 0 gives the mean of the most likely
-component. Sampling here is graph-safe: Gumbel-max picks the component, no
+component. Sampling here is graph-safe: an inverse-CDF draw picks the component, no
 ``torch.multinomial`` and no host synchronisation.
 """
 
@@ -20,6 +20,8 @@ import math
 
 import torch
 from torch import nn
+
+from world_models.distributions import sample_index
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -55,7 +57,7 @@ def mdn_sample(
 ) -> torch.Tensor:
     """Sample [..., Z] from the mixtures [..., Z, K] at ``temperature`` tau (python float).
 
-    tau > 0: component k ~ softmax(logpi / tau) by Gumbel-max, then
+    tau > 0: component k ~ softmax(logpi / tau) (``sample_index``), then
     z = mean_k + exp(logstd_k) * sqrt(tau) * eps. tau == 0: z = mean of argmax_k logpi.
     """
     if temperature < 0:
@@ -63,10 +65,7 @@ def mdn_sample(
     if temperature == 0.0:
         index = logpi.argmax(-1, keepdim=True)  # [..., Z, 1]
         return mean.gather(-1, index).squeeze(-1)
-    tiny = torch.finfo(logpi.dtype).tiny
-    u = torch.rand(logpi.shape, generator=generator, device=logpi.device, dtype=logpi.dtype)
-    gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))  # [..., Z, K]
-    index = (logpi / temperature + gumbel).argmax(-1, keepdim=True)  # [..., Z, 1]
+    index = sample_index(logpi / temperature, generator)  # [..., Z, 1]
     mu = mean.gather(-1, index).squeeze(-1)  # [..., Z]
     std = logstd.gather(-1, index).squeeze(-1).exp()  # [..., Z]
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)

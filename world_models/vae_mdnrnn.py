@@ -198,7 +198,7 @@ class VaeMdnRnn(WorldModel):
         self, state: State, action: torch.Tensor
     ) -> tuple[State, torch.Tensor, torch.Tensor]:
         """Dream one step: z' ~ MDN(h') at ``temperature``; reward [N] and continue prob [N]
-        read the new state's features. Graph-safe (Gumbel-max, no host syncs)."""
+        read the new state's features. Graph-safe (inverse-CDF draws, no host syncs)."""
         h, c = self.rnn.step(state["z"], action.to(state["z"].dtype), (state["h"], state["c"]))
         logpi, mean, logstd = self.rnn.mixture(h)  # [N, Z, K]
         z = mdn_sample(logpi, mean, logstd, self.temperature)  # [N, Z]
