@@ -13,7 +13,13 @@ from omegaconf import OmegaConf
 from agents.config import ConfigError
 from world_models import make_world_model
 from world_models.base import flatten_state
-from world_models.networks import ConvDecoder, ConvEncoder, MultiDecoder, MultiEncoder
+from world_models.networks import (
+    ConvDecoder,
+    ConvEncoder,
+    MultiDecoder,
+    MultiEncoder,
+    linear_onehot,
+)
 from world_models.rssm import RSSM, kl_losses
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -203,6 +209,42 @@ def test_imagine_step_from_every_posterior_state():
     assert reward.shape == (n,) and cont.shape == (n,)
     assert wm.features(nxt).shape == (n, wm.feature_dim)
     torch.testing.assert_close(nxt["stoch"].sum(-1), torch.ones(n, 4))
+
+
+def test_no_grad_one_hot_fast_path_equals_the_dense_heads():
+    """Without gradients the RSSM's img_in, reward and cont heads gather weight columns by the
+    latent's class indices (linear_onehot); the results equal the dense path's."""
+    space = vector_space()
+    wm = RSSM(make_cfg(), space, 2)
+    with torch.no_grad():
+        for head in (wm.reward_head.out, wm.cont_head.out):
+            head.weight.normal_(0.0, 0.02)  # the reward head starts at zero: make it read its input
+        _, _, post = wm.loss(make_batch(space, b=3, t=4))
+    state = flatten_state(post)
+    assert state["index"].dtype == torch.int64 and state["index"].shape == (12, 4)
+    assert torch.equal(F.one_hot(state["index"], 4).float(), state["stoch"])
+    action = F.one_hot(torch.randint(0, 2, (12,)), 2).float()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        fast = wm.imagine_step(state, action)
+    torch.manual_seed(3)
+    dense = wm.imagine_step(state, action)  # grad enabled: the dense concatenated features
+    torch.testing.assert_close(fast[0]["deter"], dense[0]["deter"].detach())
+    assert torch.equal(fast[0]["index"], dense[0]["index"])
+    torch.testing.assert_close(fast[1], dense[1].detach())
+    torch.testing.assert_close(fast[2], dense[2].detach())
+    assert fast[1].std() > 0.01  # the heads did read the features (rows differ)
+
+
+def test_linear_onehot_equals_linear_of_the_assembled_input():
+    layer = torch.nn.Linear(3 + 2 * 4 + 5, 6)
+    index = torch.randint(0, 4, (7, 2))
+    dense = torch.randn(7, 8)
+    onehot = F.one_hot(index, 4).float().flatten(-2)  # [7, 8]
+    for start in (0, 3, 8):  # one-hot block first, in the middle, last
+        full = torch.cat([dense[:, :start], onehot, dense[:, start:]], -1)
+        got = linear_onehot(layer, dense, index, 4, start)
+        torch.testing.assert_close(got, layer(full))
 
 
 def test_tiny_rssm_overfits_a_fixed_sequence():

@@ -136,17 +136,14 @@ def sample_index(logits: torch.Tensor, generator: torch.Generator | None = None)
     return index.clamp_(max=logits.shape[-1] - 1)  # u * total rounded up to total (p ~ 2^-24)
 
 
-def sample_onehot(
-    logits: torch.Tensor,
-    straight_through: bool = True,
-    generator: torch.Generator | None = None,
+def index_onehot(
+    index: torch.Tensor, logits: torch.Tensor, straight_through: bool = True
 ) -> torch.Tensor:
-    """One-hot sample [..., K] from categoricals with ``logits`` [..., K] (``sample_index``).
+    """One-hot [..., K] of class ``index`` [..., 1] for categoricals with ``logits`` [..., K].
 
     With ``straight_through`` the forward value is the one-hot and the gradient is that of the
     probabilities: ``onehot + (probs - probs.detach())`` (DreamerV3, following DreamerV2).
     """
-    index = sample_index(logits, generator)  # [..., 1]
     onehot = torch.zeros_like(logits).scatter_(-1, index, 1.0)  # [..., K]
     if straight_through:
         probs = torch.softmax(logits, -1)
@@ -154,13 +151,19 @@ def sample_onehot(
     return onehot
 
 
+def sample_onehot(
+    logits: torch.Tensor,
+    straight_through: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One-hot sample [..., K] from categoricals with ``logits`` [..., K] (``sample_index``),
+    straight-through as ``index_onehot``."""
+    return index_onehot(sample_index(logits, generator), logits, straight_through)
+
+
 def onehot_mode(logits: torch.Tensor, straight_through: bool = True) -> torch.Tensor:
     """The most likely class as a one-hot [..., K], straight-through like ``sample_onehot``."""
-    onehot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    if straight_through:
-        probs = torch.softmax(logits, -1)
-        onehot = onehot + probs - probs.detach()
-    return onehot
+    return index_onehot(logits.argmax(-1, keepdim=True), logits, straight_through)
 
 
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:

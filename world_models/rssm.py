@@ -39,8 +39,8 @@ from world_models.distributions import (
     bernoulli_nll,
     categorical_entropy,
     categorical_kl,
-    onehot_mode,
-    sample_onehot,
+    index_onehot,
+    sample_index,
     unimix,
 )
 from world_models.networks import (
@@ -117,7 +117,9 @@ class RSSM(WorldModel):
     """DreamerV3 RSSM world model (2023 version). See the module docstring.
 
     States are dicts: ``deter`` [N, D], ``stoch`` [N, S, K] (one-hot samples, straight-through),
-    ``logits`` [N, S, K] (unimixed log-probs of the distribution ``stoch`` was drawn from).
+    ``logits`` [N, S, K] (unimixed log-probs of the distribution ``stoch`` was drawn from),
+    ``index`` [N, S] (int64, the class of each one-hot: without gradients the heads gather
+    weight columns by it instead of multiplying the 80%-zero features, ``linear_onehot``).
     """
 
     def __init__(self, cfg: Any, obs_space: gym.spaces.Dict, action_dim: int) -> None:
@@ -191,20 +193,42 @@ class RSSM(WorldModel):
         w = self.initial_deter
         deter = torch.tanh(w) if self.initial_mode == "learned" else torch.zeros_like(w)
         logits = self.prior_logits(deter)  # [S, K]
-        stoch = onehot_mode(
-            logits, straight_through=False
-        )  # [S, K], no gradient path into the prior
-        state = {"deter": deter, "stoch": stoch, "logits": logits}
+        index = logits.argmax(-1, keepdim=True)  # [S, 1]
+        # no gradient path into the prior through z_0
+        stoch = index_onehot(index, logits, straight_through=False)  # [S, K]
+        state = {"deter": deter, "stoch": stoch, "logits": logits, "index": index.squeeze(-1)}
         # contiguous copies, so callers may write into rows of the state
         return {
             k: v.unsqueeze(0).expand(batch_size, *v.shape).contiguous() for k, v in state.items()
         }
 
+    def _sampled(self, deter: torch.Tensor, logits: torch.Tensor) -> State:
+        """State with z drawn from ``logits`` [N, S, K]: straight-through one-hot ``stoch``
+        [N, S, K] and its class ``index`` [N, S] (int64, for the one-hot fast path)."""
+        index = sample_index(logits)  # [N, S, 1]
+        stoch = index_onehot(index, logits)  # [N, S, K]
+        return {"deter": deter, "stoch": stoch, "logits": logits, "index": index.squeeze(-1)}
+
+    def _fast(self, state: State) -> bool:
+        """Whether heads may read z by its class indices (``MLP.forward_onehot``): only when
+        no gradient is being recorded, since the straight-through path needs the dense one-hot."""
+        return not torch.is_grad_enabled() and "index" in state
+
     def _recur(self, state: State, action: torch.Tensor) -> torch.Tensor:
         """h_t = f(h_{t-1}, z_{t-1}, a_{t-1}): -> [N, D]."""
-        stoch = state["stoch"].flatten(-2)  # [N, S*K]
-        x = self.img_in(torch.cat([stoch, action.to(stoch.dtype)], -1))  # [N, units]
+        action = action.to(state["stoch"].dtype)
+        if self._fast(state):  # the input is [one-hot z (S*K), action (A)]
+            x = self.img_in.forward_onehot(action, state["index"], self.classes, start=0)
+        else:
+            stoch = state["stoch"].flatten(-2)  # [N, S*K]
+            x = self.img_in(torch.cat([stoch, action], -1))  # [N, units]
         return self.gru(x, state["deter"])  # [N, D]
+
+    def _head(self, head: MLP, state: State) -> torch.Tensor:
+        """A head reading the features [h, z] of ``state``: [N, out]."""
+        if self._fast(state):
+            return head.forward_onehot(state["deter"], state["index"], self.classes, self.deter)
+        return head(self.features(state))
 
     def _reset(self, state: State, action: torch.Tensor, is_first: torch.Tensor, init: State):
         """Replace rows where ``is_first`` by the initial state and zero their action."""
@@ -217,7 +241,7 @@ class RSSM(WorldModel):
 
     def _posterior(self, deter: torch.Tensor, embed: torch.Tensor) -> State:
         logits = self._dist(self.post_net(torch.cat([deter, embed], -1)))  # [N, S, K]
-        return {"deter": deter, "stoch": sample_onehot(logits), "logits": logits}
+        return self._sampled(deter, logits)
 
     def observe_step(
         self,
@@ -243,11 +267,9 @@ class RSSM(WorldModel):
         Returns (prior-sampled next state, predicted reward [N], continue probability [N]).
         """
         deter = self._recur(state, action)  # [N, D]
-        logits = self.prior_logits(deter)  # [N, S, K]
-        nxt = {"deter": deter, "stoch": sample_onehot(logits), "logits": logits}
-        feat = self.features(nxt)  # [N, F]
-        reward = self.twohot.decode(self.reward_head(feat))  # [N]
-        cont = torch.sigmoid(self.cont_head(feat).squeeze(-1))  # [N]
+        nxt = self._sampled(deter, self.prior_logits(deter))
+        reward = self.twohot.decode(self._head(self.reward_head, nxt))  # [N]
+        cont = torch.sigmoid(self._head(self.cont_head, nxt).squeeze(-1))  # [N]
         return nxt, reward, cont
 
     def features(self, state: State) -> torch.Tensor:
