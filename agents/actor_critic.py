@@ -43,7 +43,15 @@ from torch import nn
 from agents.config import ConfigError, check_choice, check_float, check_int
 from world_models.base import State, WorldModel, flatten_state, state_map
 from world_models.distributions import TwoHot, onehot_mode, sample_onehot, unimix
-from world_models.networks import MLP, NORMS, init_dreamer_, zero_init_
+from world_models.networks import (
+    MLP,
+    NORMS,
+    Features,
+    init_dreamer_,
+    map_features,
+    stack_features,
+    zero_init_,
+)
 
 
 def lambda_return(
@@ -259,8 +267,8 @@ class ActorCritic(nn.Module):
         return self.actor_opt, self.critic_opt
 
     # ------------------------------------------------------------------ policy
-    def policy(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distribution parameters of π(a | s) for features [..., F].
+    def policy(self, feat: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distribution parameters of π(a | s) for features [..., F] (dense or one-hot).
 
         Discrete: (unimixed log-probs [..., A], same). Continuous: (mean [..., A] in (-1, 1),
         std [..., A] in (min_std, max_std)).
@@ -309,7 +317,7 @@ class ActorCritic(nn.Module):
         action = self.sample(self.policy(feat), explore)
         return action if self.discrete else action.clamp(-1.0, 1.0)
 
-    def value(self, feat: torch.Tensor, slow: bool = False) -> torch.Tensor:
+    def value(self, feat: Features, slow: bool = False) -> torch.Tensor:
         """Critic's expected return in real units: [..., F] -> [...]."""
         net = self.slow_critic if slow else self.critic
         return self.twohot.decode(net(feat))
@@ -321,8 +329,9 @@ class ActorCritic(nn.Module):
         """Roll every start state H steps in the world model with the actor's actions.
 
         start: states [N, ...] (already flat and detached). Returns ``feat`` [N, H+1, F] for
-        s_0..s_H, ``action`` [N, H, A] taken at s_0..s_{H-1}, ``reward`` [N, H+1] and
-        ``cont`` [N, H+1] predicted on arriving at s_t (index 0 is filled by the caller).
+        s_0..s_H (``WorldModel.head_features``: one-hot features where no gradient reaches z),
+        ``action`` [N, H, A] taken at s_0..s_{H-1}, ``reward`` [N, H+1] and ``cont`` [N, H+1]
+        predicted on arriving at s_t (index 0 is filled by the caller).
         Gradients flow through the dynamics into the actions only when the caller has grad
         enabled (``actor_grad: dynamics``); the actor always reads detached features.
         ``keep_policy`` also returns ``policy``, the actor's distribution parameters at
@@ -330,12 +339,12 @@ class ActorCritic(nn.Module):
         pass instead of running the actor over all N x H states again.
         """
         state = start
-        feat = world_model.features(state)  # [N, F]
+        feat = world_model.head_features(state)  # [N, F]
         feats, actions, rewards, conts, policies = [feat], [], [], [], []
         dynamics = torch.is_grad_enabled()
         for _ in range(horizon):
             with torch.set_grad_enabled(dynamics or keep_policy):
-                params = self.policy(feat.detach())
+                params = self.policy(map_features(feat, torch.Tensor.detach))
             if not dynamics:  # REINFORCE: the sample is a constant
                 params_for_action = tuple(p.detach() for p in params)
             else:
@@ -344,7 +353,7 @@ class ActorCritic(nn.Module):
             if not self.discrete:
                 action = action.clamp(-1.0, 1.0)  # the env's range
             state, reward, cont = world_model.imagine_step(state, action)
-            feat = world_model.features(state)  # [N, F]
+            feat = world_model.head_features(state)  # [N, F]
             feats.append(feat)
             actions.append(action)
             rewards.append(reward)
@@ -352,7 +361,7 @@ class ActorCritic(nn.Module):
             policies.append(params)
         zero = torch.zeros_like(rewards[0])  # [N]
         traj = {
-            "feat": torch.stack(feats, 1),  # [N, H+1, F]
+            "feat": stack_features(feats, 1),  # [N, H+1, F]
             "action": torch.stack(actions, 1),  # [N, H, A]
             "reward": torch.stack([zero, *rewards], 1),  # [N, H+1]
             "cont": torch.stack([zero, *conts], 1),  # [N, H+1]
@@ -405,9 +414,9 @@ class ActorCritic(nn.Module):
             # strided copies and a batched-matmul fallback); the loss weights s_H by 0.
             if dynamics:  # the actor's gradient reaches the features through the value
                 value = self.value(feat)  # [N, H+1]
-                logits = self.critic(feat.detach())  # [N, H+1, K], the critic's own graph
-            else:  # one critic pass serves the returns (detached) and the critic loss
-                logits = self.critic(feat.detach())  # [N, H+1, K]
+            feat = map_features(feat, torch.Tensor.detach)  # the critic's own graph from here
+            logits = self.critic(feat)  # [N, H+1, K]
+            if not dynamics:  # one critic pass serves the returns (detached) and the critic loss
                 value = self.twohot.decode(logits.detach())  # [N, H+1]
             ret = lambda_return(traj["reward"], cont, value, self.lam, self.gamma)  # [N, H]
             cont = cont.detach()
@@ -432,14 +441,14 @@ class ActorCritic(nn.Module):
             critic_loss = self.twohot.loss(logits, target)  # [N, H+1]
             if self.slow_reg > 0:
                 with torch.no_grad():
-                    slow_target = self.value(feat.detach(), slow=True)  # [N, H+1]
+                    slow_target = self.value(feat, slow=True)  # [N, H+1]
                 critic_loss = critic_loss + self.slow_reg * self.twohot.loss(logits, slow_target)
             critic_weight = torch.cat([weight, torch.zeros_like(weight[:, :1])], 1)  # [N, H+1]
             critic_loss = (critic_loss * critic_weight).sum() / weight.numel()  # mean over N x H
             metrics = {}
             if self.repval > 0 and replay is not None:
                 repval_loss = self._replay_value_loss(
-                    feat[:, 0].detach(), ret[:, 0].detach(), replay
+                    map_features(feat, lambda v: v[:, 0]), ret[:, 0].detach(), replay
                 )
                 critic_loss = critic_loss + self.repval * repval_loss
                 metrics["repval_loss"] = repval_loss.detach()
@@ -477,7 +486,7 @@ class ActorCritic(nn.Module):
             }
 
     def _replay_value_loss(
-        self, feat: torch.Tensor, boot: torch.Tensor, replay: dict[str, torch.Tensor]
+        self, feat: Features, boot: torch.Tensor, replay: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """Critic loss on the real rows the imagination started from: feat [N, F] and their
         imagined returns boot [N] for N = B*K starts (the last K rows of each sequence)."""
@@ -495,7 +504,8 @@ class ActorCritic(nn.Module):
             self.lam,
             self.gamma,
         )  # [B, K-1]
-        sfeat = feat.reshape(bsz, k, -1)[:, :-1]  # [B, K-1, F]
+        sfeat = map_features(feat, lambda v: v.reshape(bsz, k, *v.shape[1:])[:, :-1])
+        # sfeat: [B, K-1, F]
         logits = self.critic(sfeat)  # [B, K-1, bins]
         loss = self.twohot.loss(logits, target)  # [B, K-1]
         if self.slow_reg > 0:

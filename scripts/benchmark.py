@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents import make_agent
 from agents.config import ConfigError
 from agents.replay import Replay
-from agents.trainer import seed_everything, select_device, to_torch
+from agents.trainer import reuse_host_memory, seed_everything, select_device, to_torch
 from envs import make_vector_env
 
 
@@ -97,6 +97,7 @@ def collection_rate(env, agent, steps: int, num_envs: int, seed: int, policy: bo
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     bench = cfg.bench
     device = select_device(cfg.device)
+    result_malloc = reuse_host_memory(cfg)
     seed_everything(cfg.seed)
     num_envs = cfg.env.num_envs
     env = make_vector_env(cfg.env, num_envs, seed=cfg.seed)
@@ -109,6 +110,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         "hardware": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "reuse_host_memory": result_malloc,
     }
     parts = set(bench.parts)
     unknown = parts - {"replay", "update", "split", "collect", "profile"}

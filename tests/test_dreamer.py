@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from agents.actor_critic import ActorCritic
 from agents.config import ConfigError
 from agents.dreamer import DreamerAgent
+from world_models.networks import OneHotFeatures
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VECTOR = gym.spaces.Dict({"vector": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)})
@@ -183,7 +184,8 @@ def test_rssm_imagination_shapes_and_no_model_gradients(grad):
     with torch.no_grad():
         traj = agent.actor_critic.imagine(agent.world_model, flat, horizon=4)
     n, f = 3 * 5, agent.world_model.feature_dim
-    assert traj["feat"].shape == (n, 5, f)
+    assert isinstance(traj["feat"], OneHotFeatures)  # no gradient to z: h dense, z by index
+    assert traj["feat"].to_dense().shape == (n, 5, f)
     assert traj["action"].shape == (n, 4, 3)
     assert traj["reward"].shape == traj["cont"].shape == (n, 5)
     agent.actor_critic.update(agent.world_model, start, batch["is_terminal"])
@@ -293,7 +295,8 @@ def test_compiled_world_model_loss_and_dream_match_eager(monkeypatch):
     for a, b in zip(g0, g1):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
     assert torch.equal(d1["action"], d0["action"])  # the same sampled actions
-    for key in ("feat", "reward", "cont"):
+    assert torch.allclose(d1["feat"].to_dense(), d0["feat"].to_dense(), atol=1e-4)
+    for key in ("reward", "cont"):
         assert torch.allclose(d1[key], d0[key], atol=1e-4), key
     with pytest.raises(ConfigError, match="agent.compile"):
         DreamerAgent(full_cfg(**{"agent.compile": "yes"}), VECTOR, DISCRETE)

@@ -14,11 +14,15 @@ from agents.config import ConfigError
 from world_models import make_world_model
 from world_models.base import flatten_state
 from world_models.networks import (
+    MLP,
     ConvDecoder,
     ConvEncoder,
     MultiDecoder,
     MultiEncoder,
+    OneHotFeatures,
     linear_onehot,
+    map_features,
+    stack_features,
 )
 from world_models.rssm import RSSM, kl_losses
 
@@ -211,9 +215,9 @@ def test_imagine_step_from_every_posterior_state():
     torch.testing.assert_close(nxt["stoch"].sum(-1), torch.ones(n, 4))
 
 
-def test_no_grad_one_hot_fast_path_equals_the_dense_heads():
-    """Without gradients the RSSM's img_in, reward and cont heads gather weight columns by the
-    latent's class indices (linear_onehot); the results equal the dense path's."""
+def test_one_hot_fast_path_equals_the_dense_heads():
+    """Where no gradient must reach z the RSSM's img_in, reward and cont heads gather weight
+    columns by the latent's class indices (linear_onehot); the results equal the dense path's."""
     space = vector_space()
     wm = RSSM(make_cfg(), space, 2)
     with torch.no_grad():
@@ -228,7 +232,11 @@ def test_no_grad_one_hot_fast_path_equals_the_dense_heads():
     with torch.no_grad():
         fast = wm.imagine_step(state, action)
     torch.manual_seed(3)
-    dense = wm.imagine_step(state, action)  # grad enabled: the dense concatenated features
+    assert isinstance(wm.head_features(state), OneHotFeatures)
+    # a z that needs its gradient (straight-through) takes the dense concatenated features
+    state = {**state, "stoch": state["stoch"].clone().requires_grad_()}
+    assert isinstance(wm.head_features(state), torch.Tensor)
+    dense = wm.imagine_step(state, action)
     torch.testing.assert_close(fast[0]["deter"], dense[0]["deter"].detach())
     assert torch.equal(fast[0]["index"], dense[0]["index"])
     torch.testing.assert_close(fast[1], dense[1].detach())
@@ -245,6 +253,35 @@ def test_linear_onehot_equals_linear_of_the_assembled_input():
         full = torch.cat([dense[:, :start], onehot, dense[:, start:]], -1)
         got = linear_onehot(layer, dense, index, 4, start)
         torch.testing.assert_close(got, layer(full))
+
+
+def test_mlp_reads_one_hot_features_as_their_dense_form_with_the_same_gradients():
+    """MLP(OneHotFeatures) = MLP(to_dense()) in value and in every weight's gradient (the
+    critic and actor train on one-hot features)."""
+    torch.manual_seed(0)
+    mlp = MLP(5 + 3 * 4, 7, 16, 2)
+    feat = OneHotFeatures(torch.randn(6, 2, 5), torch.randint(0, 4, (6, 2, 3)), 4, 5)
+    dense = feat.to_dense()  # [6, 2, 17]
+    assert dense.shape == (6, 2, 17)
+    assert torch.equal(dense[..., 5:].reshape(6, 2, 3, 4).argmax(-1), feat.index)
+    grads = []
+    for x in (feat, dense):
+        mlp.zero_grad()
+        out = mlp(x)
+        (out * torch.arange(7.0)).sum().backward()
+        grads.append([p.grad.clone() for p in mlp.parameters()])
+        if x is feat:
+            first = out.detach()
+    torch.testing.assert_close(first, mlp(dense).detach())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # stacking and mapping keep the parts together; a mix of forms stacks dense
+    stacked = stack_features([feat, feat.map(lambda v: v.flip(0))], 1)
+    assert isinstance(stacked, OneHotFeatures) and stacked.index.shape == (6, 2, 2, 3)
+    torch.testing.assert_close(stacked.to_dense(), torch.stack([dense, dense.flip(0)], 1))
+    mixed = stack_features([feat, dense], 0)
+    assert isinstance(mixed, torch.Tensor) and torch.equal(mixed, torch.stack([dense, dense]))
+    torch.testing.assert_close(map_features(feat, lambda v: v[:, 0]).to_dense(), dense[:, 0])
 
 
 def test_tiny_rssm_overfits_a_fixed_sequence():

@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from world_models.networks import Features
+
 State = dict[str, torch.Tensor]
 """A latent state: a flat dict of tensors sharing leading batch dimensions."""
 
@@ -78,6 +80,13 @@ class WorldModel(nn.Module, ABC):
     @abstractmethod
     def features(self, state: State) -> torch.Tensor:
         """The vector [..., F] that actors, critics and planners read."""
+
+    def head_features(self, state: State) -> Features:
+        """``features(state)`` in the form an ``MLP`` reads fastest (``networks.Features``):
+        the dense tensor by default; the RSSM gives ``OneHotFeatures`` wherever no gradient
+        has to reach its one-hot z (the actor-critic's dreams without ``actor_grad:
+        dynamics``), so actor and critic skip the mostly-zero columns."""
+        return self.features(state)
 
     def param_groups(self) -> list[dict]:
         """Optimiser parameter groups for the learner's AdamW. Groups without their own

@@ -46,8 +46,10 @@ from world_models.distributions import (
 from world_models.networks import (
     MLP,
     NORMS,
+    Features,
     MultiDecoder,
     MultiEncoder,
+    OneHotFeatures,
     init_dreamer_,
     make_norm,
     zero_init_,
@@ -118,8 +120,9 @@ class RSSM(WorldModel):
 
     States are dicts: ``deter`` [N, D], ``stoch`` [N, S, K] (one-hot samples, straight-through),
     ``logits`` [N, S, K] (unimixed log-probs of the distribution ``stoch`` was drawn from),
-    ``index`` [N, S] (int64, the class of each one-hot: without gradients the heads gather
-    weight columns by it instead of multiplying the 80%-zero features, ``linear_onehot``).
+    ``index`` [N, S] (int64, the class of each one-hot: where no gradient must reach z, heads,
+    actor and critic read ``head_features``, which gathers weight columns by it instead of
+    multiplying the 80%-zero features, ``networks.linear_onehot``).
     """
 
     def __init__(self, cfg: Any, obs_space: gym.spaces.Dict, action_dim: int) -> None:
@@ -203,32 +206,30 @@ class RSSM(WorldModel):
         }
 
     def _sampled(self, deter: torch.Tensor, logits: torch.Tensor) -> State:
-        """State with z drawn from ``logits`` [N, S, K]: straight-through one-hot ``stoch``
-        [N, S, K] and its class ``index`` [N, S] (int64, for the one-hot fast path)."""
+        """State with z drawn from ``logits`` [N, S, K]: one-hot ``stoch`` [N, S, K]
+        (straight-through where a gradient is recorded) and its class ``index`` [N, S] (int64)."""
         index = sample_index(logits)  # [N, S, 1]
-        stoch = index_onehot(index, logits)  # [N, S, K]
+        st = torch.is_grad_enabled() and logits.requires_grad
+        stoch = index_onehot(index, logits, straight_through=st)  # [N, S, K]
         return {"deter": deter, "stoch": stoch, "logits": logits, "index": index.squeeze(-1)}
 
-    def _fast(self, state: State) -> bool:
-        """Whether heads may read z by its class indices (``MLP.forward_onehot``): only when
-        no gradient is being recorded, since the straight-through path needs the dense one-hot."""
-        return not torch.is_grad_enabled() and "index" in state
+    def head_features(self, state: State) -> Features:
+        """[h, z] as ``OneHotFeatures`` (h dense, z by its class index) unless a gradient must
+        reach z through the straight-through one-hot; then the dense ``features``."""
+        if "index" not in state or (torch.is_grad_enabled() and state["stoch"].requires_grad):
+            return self.features(state)
+        return OneHotFeatures(state["deter"], state["index"], self.classes, self.deter)
 
     def _recur(self, state: State, action: torch.Tensor) -> torch.Tensor:
         """h_t = f(h_{t-1}, z_{t-1}, a_{t-1}): -> [N, D]."""
         action = action.to(state["stoch"].dtype)
-        if self._fast(state):  # the input is [one-hot z (S*K), action (A)]
-            x = self.img_in.forward_onehot(action, state["index"], self.classes, start=0)
+        feat = self.head_features(state)
+        if isinstance(feat, OneHotFeatures):  # the input is [one-hot z (S*K), action (A)]
+            x = self.img_in(OneHotFeatures(action, feat.index, self.classes, 0))
         else:
             stoch = state["stoch"].flatten(-2)  # [N, S*K]
             x = self.img_in(torch.cat([stoch, action], -1))  # [N, units]
         return self.gru(x, state["deter"])  # [N, D]
-
-    def _head(self, head: MLP, state: State) -> torch.Tensor:
-        """A head reading the features [h, z] of ``state``: [N, out]."""
-        if self._fast(state):
-            return head.forward_onehot(state["deter"], state["index"], self.classes, self.deter)
-        return head(self.features(state))
 
     def _reset(self, state: State, action: torch.Tensor, is_first: torch.Tensor, init: State):
         """Replace rows where ``is_first`` by the initial state and zero their action."""
@@ -268,8 +269,8 @@ class RSSM(WorldModel):
         """
         deter = self._recur(state, action)  # [N, D]
         nxt = self._sampled(deter, self.prior_logits(deter))
-        reward = self.twohot.decode(self._head(self.reward_head, nxt))  # [N]
-        cont = torch.sigmoid(self._head(self.cont_head, nxt).squeeze(-1))  # [N]
+        reward = self.twohot.decode(self.reward_head(self.head_features(nxt)))  # [N]
+        cont = torch.sigmoid(self.cont_head(self.head_features(nxt)).squeeze(-1))  # [N]
         return nxt, reward, cont
 
     def features(self, state: State) -> torch.Tensor:
