@@ -10,11 +10,14 @@ from world_models.distributions import (
     bernoulli_nll,
     categorical_entropy,
     categorical_kl,
+    index_onehot,
     onehot_mode,
+    sample_index,
     sample_onehot,
     symexp,
     symlog,
     unimix,
+    unimix_probs,
 )
 
 
@@ -89,6 +92,26 @@ def test_unimix_probabilities():
     expected = torch.tensor([[0.2525, 0.7475], [0.995, 0.005]])
     torch.testing.assert_close(probs, expected)
     torch.testing.assert_close(unimix(logits[:1], 0.0).exp(), torch.tensor([[0.25, 0.75]]))
+    torch.testing.assert_close(unimix_probs(logits, 0.01), expected)
+    torch.testing.assert_close(unimix_probs(logits[:1], 0.0), torch.tensor([[0.25, 0.75]]))
+
+
+def test_given_probabilities_sample_and_route_gradients_as_the_softmax_would():
+    """sample_index/index_onehot with ``probs`` = softmax(logits): the same draws, and the
+    straight-through gradient reaching the raw logits is the same (the RSSM passes its
+    unimixed probabilities instead of re-taking softmax of their logs)."""
+    raw = torch.randn(500, 6, requires_grad=True)
+    probs = unimix_probs(raw, 0.01)  # [500, 6]
+    logits = probs.log()
+    picks = [sample_index(logits, torch.Generator().manual_seed(4), p) for p in (None, probs)]
+    assert (picks[0] != picks[1]).float().mean() < 0.01  # a tie at a CDF edge may differ
+    weights = torch.randn(6)
+    grads = []
+    for p in (None, probs):
+        onehot = index_onehot(picks[0], logits, straight_through=True, probs=p)
+        (grad,) = torch.autograd.grad((onehot * weights).sum(), raw, retain_graph=True)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_twohot_loss_equals_cross_entropy_with_encode_including_edges():

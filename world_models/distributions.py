@@ -110,25 +110,35 @@ class TwoHot(nn.Module):
         return -(w_below * logp.gather(-1, below) + w_above * logp.gather(-1, above)).squeeze(-1)
 
 
+def unimix_probs(logits: torch.Tensor, mix: float = 0.01) -> torch.Tensor:
+    """Probabilities (1 - mix) * softmax(logits) + mix / K over the last dim: [..., K]."""
+    probs = torch.softmax(logits, -1)
+    return probs if mix <= 0.0 else (1.0 - mix) * probs + mix / logits.shape[-1]
+
+
 def unimix(logits: torch.Tensor, mix: float = 0.01) -> torch.Tensor:
     """Log-probabilities of (1 - mix) * softmax(logits) + mix / K over the last dim."""
     if mix <= 0.0:
         return torch.log_softmax(logits, -1)
-    probs = torch.softmax(logits, -1)
-    probs = (1.0 - mix) * probs + mix / logits.shape[-1]
-    return torch.log(probs)
+    return torch.log(unimix_probs(logits, mix))
 
 
-def sample_index(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_index(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    probs: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Class indices [..., 1] (int64) drawn from categoricals with ``logits`` [..., K].
 
     Inverse CDF: one uniform per categorical is located in the cumulative probabilities
     (``searchsorted`` over the last dim). Exact, no host sync, and K times fewer random numbers
     than Gumbel-max (one uniform and two logs per class: 4x slower for the RSSM's
     1,024 x 32 x 32 latents on the dev CPU, docs/benchmarks.md). A class of probability 0 is
-    never drawn (``right=True``: the index counts the CDF entries <= u * total).
+    never drawn (``right=True``: the index counts the CDF entries <= u * total). ``probs``
+    (softmax(logits), when the caller has it) saves recomputing the softmax.
     """
-    cdf = torch.softmax(logits.detach(), -1).cumsum(-1)  # [..., K]
+    probs = torch.softmax(logits.detach(), -1) if probs is None else probs.detach()
+    cdf = probs.cumsum(-1)  # [..., K]
     u = torch.rand(
         cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype
     )  # [..., 1]
@@ -137,16 +147,20 @@ def sample_index(logits: torch.Tensor, generator: torch.Generator | None = None)
 
 
 def index_onehot(
-    index: torch.Tensor, logits: torch.Tensor, straight_through: bool = True
+    index: torch.Tensor,
+    logits: torch.Tensor,
+    straight_through: bool = True,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One-hot [..., K] of class ``index`` [..., 1] for categoricals with ``logits`` [..., K].
 
     With ``straight_through`` the forward value is the one-hot and the gradient is that of the
-    probabilities: ``onehot + (probs - probs.detach())`` (DreamerV3, following DreamerV2).
+    probabilities: ``onehot + (probs - probs.detach())`` (DreamerV3, following DreamerV2);
+    ``probs`` (softmax(logits) with its graph, when the caller has it) saves the softmax.
     """
     onehot = torch.zeros_like(logits).scatter_(-1, index, 1.0)  # [..., K]
     if straight_through:
-        probs = torch.softmax(logits, -1)
+        probs = torch.softmax(logits, -1) if probs is None else probs
         onehot = onehot + (probs - probs.detach())
     return onehot
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from agents.config import ConfigError, check_choice, check_float, check_int
 from world_models.base import State, WorldModel
-from world_models.distributions import TwoHot, sample_onehot
+from world_models.distributions import TwoHot, sample_index
 from world_models.tokenizer import Tokenizer
 from world_models.transformer import KVCache, Transformer, attention_mask, segment_mask
 
@@ -389,7 +389,7 @@ class IrisWorldModel(WorldModel):
             tokens = []
             for _ in range(k):
                 logits = self.obs_head(h) / self.temperature  # [N, V]
-                tok = sample_onehot(logits, straight_through=False).argmax(-1)  # [N]
+                tok = sample_index(logits).squeeze(-1)  # [N]
                 tokens.append(tok)
                 h = self._feed(state, self.token_emb(tok)[:, None], ones)[:, 0]
             _push_history(state, state["tokens"], action, ones[:, 0])

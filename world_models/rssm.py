@@ -41,7 +41,7 @@ from world_models.distributions import (
     categorical_kl,
     index_onehot,
     sample_index,
-    unimix,
+    unimix_probs,
 )
 from world_models.networks import (
     MLP,
@@ -183,13 +183,18 @@ class RSSM(WorldModel):
         zero_init_(self.reward_head.out)
 
     # ----------------------------------------------------------------- latent steps
-    def _dist(self, raw: torch.Tensor) -> torch.Tensor:
-        """Flat head output [..., S*K] -> unimixed log-probs [..., S, K]."""
-        return unimix(raw.unflatten(-1, (self.stoch, self.classes)), self.unimix)
+    def _dist(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat head output [..., S*K] -> unimixed (log-probs, probs), [..., S, K] each."""
+        raw = raw.unflatten(-1, (self.stoch, self.classes))
+        if self.unimix <= 0.0:
+            logits = torch.log_softmax(raw, -1)
+            return logits, logits.exp()
+        probs = unimix_probs(raw, self.unimix)
+        return probs.log(), probs
 
     def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
         """p(z | h): [..., D] -> log-probs [..., S, K]."""
-        return self._dist(self.prior_net(deter))
+        return self._dist(self.prior_net(deter))[0]
 
     def initial(self, batch_size: int) -> State:
         """h_0 = tanh(learned vector) (or zeros), z_0 = mode of p(z | h_0); [N, ...]."""
@@ -205,12 +210,14 @@ class RSSM(WorldModel):
             k: v.unsqueeze(0).expand(batch_size, *v.shape).contiguous() for k, v in state.items()
         }
 
-    def _sampled(self, deter: torch.Tensor, logits: torch.Tensor) -> State:
-        """State with z drawn from ``logits`` [N, S, K]: one-hot ``stoch`` [N, S, K]
-        (straight-through where a gradient is recorded) and its class ``index`` [N, S] (int64)."""
-        index = sample_index(logits)  # [N, S, 1]
-        st = torch.is_grad_enabled() and logits.requires_grad
-        stoch = index_onehot(index, logits, straight_through=st)  # [N, S, K]
+    def _sampled(self, deter: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> State:
+        """State with z drawn from the categoricals (``logits``, ``probs`` [N, S, K]): one-hot
+        ``stoch`` [N, S, K] (straight-through where a gradient is recorded) and its class
+        ``index`` [N, S] (int64). ``probs`` serve the sample and the straight-through path,
+        so no softmax is recomputed."""
+        index = sample_index(logits, probs=probs)  # [N, S, 1]
+        st = torch.is_grad_enabled() and probs.requires_grad
+        stoch = index_onehot(index, logits, straight_through=st, probs=probs)  # [N, S, K]
         return {"deter": deter, "stoch": stoch, "logits": logits, "index": index.squeeze(-1)}
 
     def head_features(self, state: State) -> Features:
@@ -241,8 +248,8 @@ class RSSM(WorldModel):
         return state, torch.where(first, torch.zeros_like(action), action)
 
     def _posterior(self, deter: torch.Tensor, embed: torch.Tensor) -> State:
-        logits = self._dist(self.post_net(torch.cat([deter, embed], -1)))  # [N, S, K]
-        return self._sampled(deter, logits)
+        logits, probs = self._dist(self.post_net(torch.cat([deter, embed], -1)))  # [N, S, K]
+        return self._sampled(deter, logits, probs)
 
     def observe_step(
         self,
@@ -268,7 +275,7 @@ class RSSM(WorldModel):
         Returns (prior-sampled next state, predicted reward [N], continue probability [N]).
         """
         deter = self._recur(state, action)  # [N, D]
-        nxt = self._sampled(deter, self.prior_logits(deter))
+        nxt = self._sampled(deter, *self._dist(self.prior_net(deter)))
         reward = self.twohot.decode(self.reward_head(self.head_features(nxt)))  # [N]
         cont = torch.sigmoid(self.cont_head(self.head_features(nxt)).squeeze(-1))  # [N]
         return nxt, reward, cont
