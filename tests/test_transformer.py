@@ -247,6 +247,9 @@ def test_bad_config_names_the_key():
         make_model(history_blocks=3)  # context_blocks 4 leaves room for 2
     with pytest.raises(ConfigError, match="world_model.reward_head"):
         make_model(reward_head="mse")
+    for bad in (-1, 1.5, "10", True):
+        with pytest.raises(ConfigError, match="world_model.tokenizer_updates"):
+            make_model(tokenizer_updates=bad)
     space = spaces.Dict({"vector": spaces.Box(-1, 1, (4,), np.float32)})
     with pytest.raises(ConfigError, match="image"):
         IrisWorldModel(tiny_cfg(), space, A)
@@ -258,3 +261,82 @@ def test_param_groups_cover_every_parameter_once():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert groups[1]["weight_decay"] == 0.01 and groups[2]["weight_decay"] == 0.0
+
+
+def _tokenizer_step(model, opt, batch) -> tuple[dict, list]:
+    """One optimiser step on model.loss(batch); returns (metrics, tokenizer grads)."""
+    loss, metrics, _ = model.loss(batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [q.grad for q in model.tokenizer.parameters()]
+    opt.step()
+    return metrics, grads
+
+
+def test_tokenizer_freezes_after_tokenizer_updates_and_stays_frozen_when_resumed():
+    """After N training loss calls: no tokenizer gradient, restart or token change; the count
+    survives state_dict / load_state_dict; no-grad and eval calls are not counted."""
+    torch.manual_seed(0)
+    n = 3
+    model = make_model(tokenizer_updates=n, tokenizer_batch=4)  # 4 of the 8 frames train it
+    opt = torch.optim.AdamW(model.param_groups())
+    batch, probe = random_batch(2, 4), random_batch(1, 1)["image"][0]  # probe [1, 64, 64, 3]
+    probe[0, 20:40] = 255  # not a frame of the batch
+    seen = [model.tokenizer.encode(probe)]
+    for i in range(n):
+        with torch.no_grad():
+            model.loss(batch)  # no gradient: not an update, not counted
+        model.eval()
+        model.loss(batch)
+        model.train()
+        assert int(model.tokenizer_steps) == i
+        metrics, grads = _tokenizer_step(model, opt, batch)
+        assert metrics["tokenizer/frozen"] == 0.0 and "tokenizer/recon_loss" in metrics
+        assert all(g is not None for g in grads)
+        seen.append(model.tokenizer.encode(probe))
+    assert int(model.tokenizer_steps) == n
+    assert any(not torch.equal(seen[0], s) for s in seen[1:])  # the ids did move while training
+
+    model.tokenizer.code_age.fill_(10**6)  # every code dead: a restart would move them all
+    tok_before = [q.detach().clone() for q in model.tokenizer.parameters()]
+    dyn_before = [q.detach().clone() for q in model.transformer.parameters()]
+    for _ in range(3):
+        metrics, grads = _tokenizer_step(model, opt, batch)
+        assert metrics["tokenizer/frozen"] == 1.0 and "tokenizer/recon_loss" not in metrics
+        assert all(g is None for g in grads)
+        assert torch.equal(model.tokenizer.encode(probe), seen[-1])
+    assert int(model.tokenizer_steps) == n
+    assert all(torch.equal(a, q) for a, q in zip(tok_before, model.tokenizer.parameters()))
+    assert any(not torch.equal(a, q) for a, q in zip(dyn_before, model.transformer.parameters()))
+
+    state = model.state_dict()
+    assert int(state["tokenizer_steps"]) == n
+    torch.manual_seed(1)
+    resumed = make_model(tokenizer_updates=n, tokenizer_batch=4)
+    resumed.load_state_dict(state)
+    assert int(resumed.tokenizer_steps) == n
+    metrics, grads = _tokenizer_step(resumed, torch.optim.AdamW(resumed.param_groups()), batch)
+    assert metrics["tokenizer/frozen"] == 1.0 and all(g is None for g in grads)
+
+    # a checkpoint from before the counter loads; its tokenizer gets N more updates
+    old = {k: v for k, v in state.items() if k != "tokenizer_steps"}
+    resumed.load_state_dict(old)
+    assert int(resumed.tokenizer_steps) == 0
+    assert resumed.loss(batch)[1]["tokenizer/frozen"] == 0.0
+
+
+def test_code_ages_count_every_frame_not_only_the_tokenizer_subset():
+    """With tokenizer_batch < B*T a code used only by frames outside the subset stays alive."""
+    torch.manual_seed(0)
+    model = make_model(tokenizer_batch=1, dead_code_after=10**6, tokenizer_updates=0)
+    batch = random_batch(2, 4)
+    for i in range(8):  # every frame a distinct constant colour: several codes in use
+        batch["image"].view(8, -1)[i] = 30 * i
+    model.tokenizer.code_age.fill_(5)
+    used = torch.zeros(model.vocab, dtype=torch.bool)
+    used[model.tokenizer.encode(batch["image"]).flatten()] = True
+    _, metrics, _ = model.loss(batch)
+    assert metrics["tokenizer/frozen"] == 0.0
+    age = model.tokenizer.code_age
+    assert (age[used] == 0).all() and (age[~used] == 6).all()
+    assert metrics["tokenizer/codebook_usage"] == used.float().mean()

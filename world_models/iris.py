@@ -102,6 +102,10 @@ class IrisWorldModel(WorldModel):
                 f"(a refilled cache needs room for one more step), got {self.history_blocks}"
             )
         self.tokenizer_batch = check_int(cfg, "tokenizer_batch", p, low=0)
+        # Absent from configs saved before the key existed: 0, the tokenizer never freezes.
+        self.tokenizer_updates = (
+            check_int(cfg, "tokenizer_updates", p, low=0) if "tokenizer_updates" in cfg else 0
+        )
         self.reward_head_kind = check_choice(cfg, "reward_head", ["sign", "twohot"], p)
         self.temperature = check_float(cfg, "temperature", p, low=1e-3)
         self.feature_kind = check_choice(cfg, "features", ["hidden", "tokens"], p)
@@ -129,6 +133,33 @@ class IrisWorldModel(WorldModel):
         self.end_head = _head(width, 2)
         self.twohot = TwoHot(255) if self.reward_head_kind == "twohot" else None
         self.feature_dim = width if self.feature_kind == "hidden" else self.K * width
+        # Training loss calls that trained the tokenizer (saturates at tokenizer_updates), in
+        # the state_dict so that a resumed run stays frozen; mirrored on the host (None: not
+        # read yet) so that deciding whether to freeze costs no device sync per update.
+        self.register_buffer("tokenizer_steps", torch.zeros((), dtype=torch.long))
+        self._tokenizer_steps: int | None = None
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # Checkpoints from before the counter: the tokenizer's updates so far are unknown, so
+        # it gets tokenizer_updates more (load_state_dict passes a copy of the caller's dict).
+        key = prefix + "tokenizer_steps"
+        if key not in state_dict:
+            state_dict[key] = torch.zeros((), dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._tokenizer_steps = None  # re-read from the loaded buffer at the next loss call
+
+    @torch.compiler.disable  # host-side count: one graph break instead of a recompile per call
+    def _tokenizer_trains(self) -> bool:
+        """Whether this loss call trains the tokenizer: False once ``tokenizer_updates`` (> 0)
+        training calls (module in training mode, grad enabled) have done so; counts this one."""
+        if self._tokenizer_steps is None:
+            self._tokenizer_steps = int(self.tokenizer_steps)
+        if 0 < self.tokenizer_updates <= self._tokenizer_steps:
+            return False
+        if self.training and torch.is_grad_enabled():
+            self._tokenizer_steps += 1
+            self.tokenizer_steps.fill_(self._tokenizer_steps)
+        return True
 
     # ----------------------------------------------------------------------------- embedding
     def _positions(self, start: int, length: int, device: torch.device) -> torch.Tensor:
@@ -145,7 +176,10 @@ class IrisWorldModel(WorldModel):
         """Tokenizer loss + Transformer loss on the (detached) tokens of every frame.
 
         The tokenizer trains on every frame, or on ``tokenizer_batch`` random frames of the
-        batch when that is > 0 and smaller than B*T (the decoder is the costly part on CPU).
+        batch when that is > 0 and smaller than B*T (the decoder is the costly part on CPU);
+        its code ages (dead-code restarts) count the tokens of every frame either way. After
+        ``tokenizer_updates`` (> 0) training calls it is frozen: no tokenizer loss, gradient
+        or code restart, the tokens come from ``tokenizer.encode`` (metric ``tokenizer/frozen``).
 
         batch: ``image`` uint8 [B,T,H,W,C], ``action`` [B,T,A], ``reward`` [B,T],
         ``is_first``/``is_terminal`` bool [B,T]. The Transformer sees T <= context_blocks blocks.
@@ -160,14 +194,22 @@ class IrisWorldModel(WorldModel):
             )
         frames = image.flatten(0, 1)  # [B*T, H, W, C]
         n_tok = self.tokenizer_batch
-        if 0 < n_tok < frames.shape[0]:
-            # The autoencoder trains on a random subset of the frames (IRIS trains it on its
-            # own batch); every frame is still encoded (no gradient) for the Transformer.
-            pick = torch.randperm(frames.shape[0], device=frames.device)[:n_tok]
-            tok_loss, metrics, _ = self.tokenizer.loss(frames[pick])
+        train_tokenizer = self._tokenizer_trains()
+        tok_loss = None
+        if not train_tokenizer:  # frozen: fixed token ids for the Transformer to learn
             tokens0 = self.tokenizer.encode(frames)
+            metrics = self.tokenizer._usage(tokens0)  # code ages only: no restarts
+        elif 0 < n_tok < frames.shape[0]:
+            # The autoencoder trains on a random subset of the frames (IRIS trains it on its
+            # own batch); every frame is still encoded (no gradient) for the Transformer, before
+            # this call's code restarts (which only move codes none of these tokens use).
+            pick = torch.randperm(frames.shape[0], device=frames.device)[:n_tok]
+            tokens0 = self.tokenizer.encode(frames)
+            tok_loss, metrics, _ = self.tokenizer.loss(frames[pick], usage_tokens=tokens0)
         else:
             tok_loss, metrics, tokens0 = self.tokenizer.loss(frames)
+        frozen = float(not train_tokenizer)
+        metrics["tokenizer/frozen"] = torch.full((), frozen, device=image.device)  # 0 or 1
         tokens0 = tokens0.view(b0, t0, k)  # [B, T, K], no gradient (discrete)
         actions0 = batch["action"].float()  # [B, T, A]
         is_first0 = batch["is_first"].bool()  # [B, T]
@@ -210,7 +252,7 @@ class IrisWorldModel(WorldModel):
 
         w = self.weights
         dyn_loss = w["obs"] * obs_loss + w["reward"] * reward_loss + w["end"] * end_loss
-        loss = w["tokenizer"] * tok_loss + dyn_loss
+        loss = dyn_loss if tok_loss is None else w["tokenizer"] * tok_loss + dyn_loss
         with torch.no_grad():
             pred = reward_logits.argmax(-1) - 1 if self.twohot is None else None
             metrics.update(

@@ -166,8 +166,14 @@ class Tokenizer(nn.Module):
         recon = self.decoder(z + (z_q - z).detach())
         return z, z_q, recon, tokens
 
-    def loss(self, image: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    def loss(
+        self, image: torch.Tensor, usage_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """image uint8 [N, H, W, C] -> (scalar loss, metrics, tokens [N, K] long).
+
+        usage_tokens: long [M, K], the tokens of every frame of the batch when ``image`` is a
+        subset of it (already encoded by the caller): code ages and usage metrics count them
+        instead of ``image``'s own, so that a code used only outside the subset is not dead.
 
         Metrics (detached tensors): reconstruction, codebook and commitment losses,
         ``codebook_perplexity`` (exp entropy of this batch's token histogram: V when all codes
@@ -196,7 +202,7 @@ class Tokenizer(nn.Module):
             perceptual = self.lpips(x, recon).mean()
             loss = loss + self.perceptual_weight * perceptual
             metrics["tokenizer/perceptual_loss"] = perceptual.detach()
-        metrics.update(self._usage(tokens))
+        metrics.update(self._usage(tokens if usage_tokens is None else usage_tokens))
         if self.restart_dead_codes and self.training:
             self._restart_dead(z)
         return loss, metrics, tokens.detach()
