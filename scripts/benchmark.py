@@ -13,11 +13,13 @@ and device memory. Each figure is the median of ``bench.repeats`` timings after
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,9 +53,10 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device
     return statistics.median(times)
 
 
-def fill_replay(env, agent, rows: int, num_envs: int, seed: int) -> Replay:
+def fill_replay(env, agent, rows: int, num_envs: int, seed: int, directory=None) -> Replay:
     """Random-action rows (with the trainer's row convention) for sampling batches."""
-    replay = Replay(capacity=max(rows, 2 * agent.seq_len * num_envs), num_envs=num_envs, seed=seed)
+    capacity = max(rows, 2 * agent.seq_len * num_envs)
+    replay = Replay(capacity=capacity, num_envs=num_envs, directory=directory, seed=seed)
     obs, _ = env.reset(seed=seed)
     is_first = np.ones(num_envs, bool)
     reward = np.zeros(num_envs, np.float32)
@@ -94,6 +97,39 @@ def collection_rate(env, agent, steps: int, num_envs: int, seed: int, policy: bo
     return steps / (time.perf_counter() - start)
 
 
+def _rss_mb() -> float:
+    """Resident set size of this process now, MB (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def replay_memory(env, agent, rows: int, num_envs: int, seed: int) -> dict[str, float]:
+    """Host memory of a full replay of ``rows`` random rows against the bytes it stores, and
+    the process's peak while a new replay resumes the same rows from disk (as a resumed run
+    does): a second copy of the rows would show as a peak near twice the stored bytes."""
+    with tempfile.TemporaryDirectory() as directory:
+        gc.collect()
+        base = _rss_mb()
+        replay = fill_replay(env, agent, rows, num_envs, seed, directory)
+        full = _rss_mb() - base
+        stored = replay.nbytes / 2**20
+        state = replay.state_dict()  # flushes the rows to the chunk files
+        capacity = replay.capacity
+        del replay
+        gc.collect()
+        again = Replay(capacity=capacity, num_envs=num_envs, directory=directory, seed=seed)
+        again.load_state_dict(state)
+        resumed = _rss_mb() - base
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        del again
+    return {
+        "replay_stored_mb": stored,
+        "replay_rss_mb": full,
+        "replay_resumed_rss_mb": resumed,
+        "replay_resume_peak_mb": peak,
+    }
+
+
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     bench = cfg.bench
     device = select_device(cfg.device)
@@ -113,9 +149,11 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         "reuse_host_memory": result_malloc,
     }
     parts = set(bench.parts)
-    unknown = parts - {"replay", "update", "split", "collect", "profile"}
+    unknown = parts - {"replay", "update", "split", "collect", "profile", "memory"}
     if unknown:
         raise ConfigError(f"bench.parts has unknown entries {sorted(unknown)}")
+    if "memory" in parts and agent.learns:  # before the update allocates: the peak is the replay's
+        result.update(replay_memory(env, agent, bench.memory_rows, num_envs, cfg.seed))
     if agent.learns and parts & {"replay", "update", "split", "profile"}:
         b, t = agent.batch_size, agent.seq_len
         result["batch"] = f"{b}x{t}"

@@ -192,6 +192,30 @@ def test_rssm_imagination_shapes_and_no_model_gradients(grad):
     assert all(p.grad is None for p in agent.world_model.parameters())
 
 
+def test_update_on_one_hot_features_equals_the_update_on_dense_features():
+    """The RSSM hands the actor-critic OneHotFeatures (h dense, z by class index); an agent
+    whose world model gives the dense features instead makes the same update: same losses,
+    same actor and critic weights after two updates (slow critic and replay-value loss on)."""
+    cfg = {"agent.slow_reg": 1.0, "agent.imag_last": 0}
+    params = []
+    for dense in (False, True):
+        torch.manual_seed(0)
+        agent = DreamerAgent(full_cfg(**cfg), VECTOR, DISCRETE, "cpu")
+        wm = agent.world_model
+        if dense:
+            wm.head_features = wm.features  # the instance attribute shadows the method
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            metrics = agent.update(fake_batch(agent, VECTOR, DISCRETE, seed=seed))
+        params.append(([p.detach().clone() for p in agent.actor_critic.parameters()], metrics))
+    (p0, m0), (p1, m1) = params
+    for key in ("actor_loss", "critic_loss", "repval_loss", "imag_return", "critic_grad_norm"):
+        torch.testing.assert_close(m0[key], m1[key], rtol=1e-4, atol=1e-6)
+    assert m0["critic_grad_norm"] > 0
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_latent_mcts_planner_overrides_a_wrong_actor(tmp_path):
     """agent.planner=mcts: the search in the world model finds the action the dream pays for.
 
