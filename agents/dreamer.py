@@ -23,6 +23,7 @@ Shape symbols (docs/shapes.md): N parallel envs, B batch, T sequence, A action s
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -34,9 +35,11 @@ from torch import nn
 from agents.actor_critic import ActorCritic, _adamw
 from agents.base import Agent
 from agents.config import ConfigError, check_bool, check_choice, check_float, check_int
+from agents.cuda_graph import GraphedUpdate
 from agents.mcts import MCTSPlanner
 from world_models import make_world_model
 from world_models.base import State
+from world_models.distributions import one_hot
 
 OBS_KEYS = ("image", "vector")
 
@@ -98,6 +101,25 @@ class DreamerAgent(Agent):
         )
         if compiled:  # the H-step dream too (the instance attribute shadows the method)
             self.actor_critic.imagine = torch.compile(self.actor_critic.imagine)
+        # agent.cuda_graph: record the whole update (both losses, backward passes, clipping,
+        # optimiser steps, slow critic) once and replay it (agents/cuda_graph.py)
+        self.graphed: GraphedUpdate | None = None
+        if "cuda_graph" in cfg.agent and check_bool(cfg.agent, "cuda_graph", "agent."):
+            if not self.world_model.capturable:
+                raise ConfigError(
+                    f"agent.cuda_graph=true needs a world model whose update is graph-safe; "
+                    f"{type(self.world_model).__name__} is not (world_model=rssm is)"
+                )
+            if compiled:
+                raise ConfigError("agent.cuda_graph and agent.compile are exclusive: pick one")
+            if self.device.type == "cuda":
+                self.graphed = GraphedUpdate(self._update)
+            else:
+                warnings.warn(
+                    f"agent.cuda_graph=true on device {self.device}: CUDA graphs need a GPU, "
+                    "the update runs eagerly",
+                    stacklevel=2,
+                )
         p = "world_model."
         self.model_clip = check_float(wm_cfg, "grad_clip", p, 0.0)
         # AdamW over the world model's groups (IRIS: per-part lrs, decay on Linear weights);
@@ -152,7 +174,7 @@ class DreamerAgent(Agent):
     def _model_action(self, action: torch.Tensor) -> torch.Tensor:
         """Replay actions -> world-model actions [B, T, A] (one-hot for discrete)."""
         if self.discrete:
-            return F.one_hot(action.long() - self.action_start, self.action_dim).float()
+            return one_hot(action.long() - self.action_start, self.action_dim)
         return action.float().reshape(*action.shape[:2], self.action_dim)
 
     def model_inputs(
@@ -171,7 +193,13 @@ class DreamerAgent(Agent):
         return data, replay
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """World-model step then actor-critic step on a replay batch [B, T, ...]."""
+        """World-model step then actor-critic step on a replay batch [B, T, ...] (on the
+        agent's device); replayed as a CUDA graph with ``agent.cuda_graph``."""
+        if self.graphed is not None:
+            return self.graphed(batch)
+        return self._update(batch)
+
+    def _update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         data, replay = self.model_inputs(batch)
         with self._autocast():
             loss, metrics, post = self.model_loss(data)
@@ -195,7 +223,12 @@ class DreamerAgent(Agent):
         """bf16 autocast of the forward passes (``agent.precision=bf16``); weights, optimiser
         state and gradients stay fp32. A no-op context for fp32."""
         dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=bool(dtype))
+        return torch.autocast(
+            self.device.type,
+            dtype=dtype or torch.float32,
+            enabled=bool(dtype),
+            cache_enabled=self.graphed is None,  # cached casts must not outlive a graph capture
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def rng_state(self) -> dict | None:
@@ -218,6 +251,8 @@ class DreamerAgent(Agent):
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.graphed is not None:  # optimiser state is rebuilt: the graph would miss it
+            self.graphed.reset()
         try:
             self.world_model.load_state_dict(state["world_model"])
             self.model_opt.load_state_dict(state["model_opt"])

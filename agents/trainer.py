@@ -172,6 +172,11 @@ class Trainer:
             self.device = torch.device("cuda", dist.local_rank)
         if dist.world_size > 1 and resume:
             raise ConfigError("resume is not supported under torchrun yet; resume on one process")
+        if dist.world_size > 1 and cfg.agent.get("cuda_graph", False):
+            raise ConfigError(
+                "agent.cuda_graph=true is not supported under torchrun yet (the gradient "
+                "all-reduce has not been checked inside a graph); run with agent.cuda_graph=false"
+            )
         seed_everything(cfg.seed)  # identical initial weights on every rank
         rank_seed = cfg.seed + 10_007 * dist.rank
         self.num_envs = cfg.env.num_envs

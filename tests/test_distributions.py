@@ -11,6 +11,7 @@ from world_models.distributions import (
     categorical_entropy,
     categorical_kl,
     index_onehot,
+    one_hot,
     onehot_mode,
     sample_index,
     sample_onehot,
@@ -19,6 +20,13 @@ from world_models.distributions import (
     unimix,
     unimix_probs,
 )
+
+
+def test_one_hot_equals_torch_one_hot_in_the_given_dtype():
+    index = torch.tensor([[0, 3], [2, 1]])
+    out = one_hot(index, 4, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 2, 4)
+    assert torch.equal(out.float(), torch.nn.functional.one_hot(index, 4).float())
 
 
 def test_symlog_symexp_values_and_inverse():

@@ -20,6 +20,7 @@ from agents.checkpoint import (
     resolve_checkpoint,
 )
 from agents.config import ConfigError
+from agents.distributed import DistInfo
 from agents.trainer import Trainer, reuse_host_memory, updates_due
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +183,12 @@ def test_bad_trainer_value_names_the_key(tmp_path):
     cfg = make_cfg(tmp_path, ["agent=random", "trainer.total_steps=-5"])
     with pytest.raises(ConfigError, match="trainer.total_steps"):
         Trainer(cfg, tmp_path)
+
+
+def test_cuda_graph_under_torchrun_is_refused_at_start_up(tmp_path):
+    cfg = make_cfg(tmp_path, ["agent=dreamer", "agent.cuda_graph=true"])
+    with pytest.raises(ConfigError, match="agent.cuda_graph=true is not supported under torchrun"):
+        Trainer(cfg, tmp_path, dist=DistInfo(rank=0, world_size=2, local_rank=0))
 
 
 def test_checkpoint_errors(tmp_path, toy_agent):

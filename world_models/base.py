@@ -45,6 +45,11 @@ class WorldModel(nn.Module, ABC):
     """Whether returns can be backpropagated through ``imagine_step`` into the actions
     (``agent.actor_grad: dynamics``); False where dream steps run without a graph (IRIS)."""
 
+    capturable: bool = False
+    """Whether the Dreamer update around this model can be recorded as one CUDA graph
+    (``agent.cuda_graph``): no host syncs, no Python-side state that changes per update, static
+    shapes (checked by tests/test_cuda_graph.py)."""
+
     @abstractmethod
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, State]:
         """Learn from replayed sequences.

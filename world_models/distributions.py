@@ -7,6 +7,7 @@ Shape symbols (docs/shapes.md): ``...`` any leading batch dims, K number of clas
 - ``TwoHot``: regression as classification over 255 bins spaced evenly in symlog space.
 - ``unimix``: 1% uniform mixed into categorical probabilities so no class has probability 0
   (keeps KL terms finite and avoids deterministic collapse of the latent).
+- ``one_hot``: ``F.one_hot`` without its host-side range check.
 - ``sample_onehot``: graph-safe categorical sampling by inverse CDF (no ``torch.multinomial``,
   no host synchronisation), with straight-through gradients.
 
@@ -144,6 +145,13 @@ def sample_index(
     )  # [..., 1]
     index = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)  # [..., 1]
     return index.clamp_(max=logits.shape[-1] - 1)  # u * total rounded up to total (p ~ 2^-24)
+
+
+def one_hot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One-hot [..., K] of int64 ``index`` [...]. Unlike ``F.one_hot``, never reads the indices
+    on the host (its range check is a host sync on the CPU)."""
+    onehot = torch.zeros(*index.shape, classes, dtype=dtype, device=index.device)
+    return onehot.scatter_(-1, index[..., None], 1.0)
 
 
 def index_onehot(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from world_models.distributions import symlog
+from world_models.distributions import one_hot, symlog
 
 NORMS = ("layer", "rms", "none")
 
@@ -127,7 +127,7 @@ class OneHotFeatures(NamedTuple):
 
     def to_dense(self) -> torch.Tensor:
         """The assembled features [..., F]."""
-        onehot = F.one_hot(self.index, self.classes).to(self.dense.dtype).flatten(-2)
+        onehot = one_hot(self.index, self.classes, self.dense.dtype).flatten(-2)
         d, s = self.dense, self.start
         return torch.cat([d[..., :s], onehot, d[..., s:]], -1)
 

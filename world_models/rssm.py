@@ -125,6 +125,8 @@ class RSSM(WorldModel):
     multiplying the 80%-zero features, ``networks.linear_onehot``).
     """
 
+    capturable = True  # agent.cuda_graph: the update is graph-safe (tests/test_cuda_graph.py)
+
     def __init__(self, cfg: Any, obs_space: gym.spaces.Dict, action_dim: int) -> None:
         super().__init__()
         p = PREFIX
