@@ -101,6 +101,16 @@ class DreamerAgent(Agent):
         )
         if compiled:  # the H-step dream too (the instance attribute shadows the method)
             self.actor_critic.imagine = torch.compile(self.actor_critic.imagine)
+        # agent.compile_act: torch.compile the acting step (filter + actor), ~100 small ops
+        # that otherwise cost ~2 ms per env step on the CPU in launch overhead alone
+        self._filter_and_act = self._filter_and_act_eager
+        if "compile_act" in cfg.agent and check_bool(cfg.agent, "compile_act", "agent."):
+            if not self.world_model.capturable:
+                raise ConfigError(
+                    f"agent.compile_act=true needs a world model with a static-shape step; "
+                    f"{type(self.world_model).__name__} has none (world_model=rssm has)"
+                )
+            self._filter_and_act = torch.compile(self._filter_and_act_eager, dynamic=False)
         # agent.cuda_graph: record the whole update (both losses, backward passes, clipping,
         # optimiser steps, slow critic) once and replay it (agents/cuda_graph.py)
         self.graphed: GraphedUpdate | None = None
@@ -154,11 +164,8 @@ class DreamerAgent(Agent):
             state = self._initial_state(n)
         latent = {k: v.to(self.device) for k, v in state["latent"].items()}
         prev_action = state["action"].to(self.device)  # [N, A]
-        latent = self.world_model.observe_step(latent, prev_action, x, is_first)
-        feat = self.world_model.features(latent)  # [N, F]
-        if self.planner is None:
-            action = self.actor_critic.act(feat, explore).detach()  # [N, A]
-        else:
+        latent, action = self._filter_and_act(latent, prev_action, x, is_first, explore)
+        if action is None:
             ac = self.actor_critic
             index, _ = self.planner.plan(
                 self.world_model, lambda f: ac.policy(f)[0], ac.value, latent, explore
@@ -169,6 +176,21 @@ class DreamerAgent(Agent):
         else:
             env_action = action.cpu().numpy().astype(np.float32)
         return env_action, {"latent": latent, "action": action}
+
+    def _filter_and_act_eager(
+        self,
+        latent: State,
+        prev_action: torch.Tensor,
+        x: dict[str, torch.Tensor],
+        is_first: torch.Tensor,
+        explore: bool,
+    ) -> tuple[State, torch.Tensor | None]:
+        """Posterior state [N, ...] after ``x`` and the actor's action [N, A] in it (None when
+        the planner chooses). ``agent.compile_act`` compiles this function."""
+        latent = self.world_model.observe_step(latent, prev_action, x, is_first)
+        if self.planner is not None:
+            return latent, None
+        return latent, self.actor_critic.act(self.world_model.features(latent), explore)
 
     # ------------------------------------------------------------------ learning
     def _model_action(self, action: torch.Tensor) -> torch.Tensor:

@@ -81,20 +81,25 @@ def fill_replay(env, agent, rows: int, num_envs: int, seed: int, directory=None)
     return replay
 
 
-def collection_rate(env, agent, steps: int, num_envs: int, seed: int, policy: bool) -> float:
-    """Env steps/s of stepping the vector env, with or without ``agent.act`` inference."""
+def collection_rate(
+    env, agent, steps: int, num_envs: int, seed: int, policy: bool, warmup: int = 0
+) -> float:
+    """Env steps/s of stepping the vector env, with or without ``agent.act`` inference, after
+    ``warmup`` untimed vector steps (``agent.compile_act`` compiles on the first)."""
     obs, _ = env.reset(seed=seed)
     is_first = np.ones(num_envs, bool)
     state = None
     space = env.single_action_space
     actions = np.stack([space.sample() for _ in range(num_envs)])
     start = time.perf_counter()
-    for _ in range(steps // num_envs):
+    for i in range(warmup + steps // num_envs):
+        if i == warmup:
+            start = time.perf_counter()
         if policy:
             actions, state = agent.act({**obs, "is_first": is_first}, state, explore=True)
         obs, _, term, trunc, _ = env.step(actions)
         is_first = term | trunc
-    return steps / (time.perf_counter() - start)
+    return steps // num_envs * num_envs / (time.perf_counter() - start)
 
 
 def _rss_mb() -> float:
@@ -175,7 +180,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
             result["profile"] = profile_update(agent, batch, bench, device)
     if "collect" in parts:
         result["collect_steps_per_s"] = collection_rate(
-            env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True
+            env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True, warmup=bench.warmup
         )
         result["raw_env_steps_per_s"] = collection_rate(
             env, agent, bench.collect_steps, num_envs, cfg.seed, policy=False

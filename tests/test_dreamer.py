@@ -324,3 +324,27 @@ def test_compiled_world_model_loss_and_dream_match_eager(monkeypatch):
         assert torch.allclose(d1[key], d0[key], atol=1e-4), key
     with pytest.raises(ConfigError, match="agent.compile"):
         DreamerAgent(full_cfg(**{"agent.compile": "yes"}), VECTOR, DISCRETE)
+
+
+def test_compiled_acting_step_matches_eager(monkeypatch):
+    """agent.compile_act=true: the compiled filter + actor step gives eager's latents and
+    actions over a few steps (same seed; inductor uses eager's random numbers here)."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch._dynamo.reset()
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        agent = DreamerAgent(full_cfg(**{"agent.compile_act": compiled}), VECTOR, DISCRETE)
+        assert (agent._filter_and_act != agent._filter_and_act_eager) == compiled
+        state, actions = None, []
+        for step in range(4):
+            obs = {**fake_obs(VECTOR, 2, step), "is_first": np.array([step == 0, step == 2])}
+            action, state = agent.act(obs, state, explore=True)
+            actions.append(action)
+        runs[compiled] = (np.stack(actions), state["latent"]["deter"])
+    assert np.array_equal(runs[True][0], runs[False][0])
+    assert torch.allclose(runs[True][1], runs[False][1], atol=1e-5)
+    with pytest.raises(ConfigError, match="agent.compile_act"):
+        DreamerAgent(full_cfg(**{"agent.compile_act": "yes"}), VECTOR, DISCRETE)
