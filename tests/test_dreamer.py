@@ -286,14 +286,21 @@ def test_precision_is_validated():
         DreamerAgent(full_cfg(**{"agent.precision": "fp8"}), VECTOR, DISCRETE)
 
 
-def test_compiled_world_model_loss_and_dream_match_eager(monkeypatch):
+@pytest.fixture
+def inductor_fallback_random():
+    """Compiled code draws eager's random numbers (``config.patch``: undoing a monkeypatch
+    deletes the key from inductor's config, breaking later tests in the process)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
+def test_compiled_world_model_loss_and_dream_match_eager(inductor_fallback_random):
     """agent.compile=true: the torch.compile'd world-model loss, its gradients and the compiled
     imagination equal eager's on the same weights, batch and seed (tolerance: fused kernels
     reorder float sums). Inductor draws its own random numbers unless told to use eager's:
     here it must, to sample the same latents and actions."""
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch._dynamo.reset()
     out = {}
     for compiled in (False, True):
@@ -326,12 +333,9 @@ def test_compiled_world_model_loss_and_dream_match_eager(monkeypatch):
         DreamerAgent(full_cfg(**{"agent.compile": "yes"}), VECTOR, DISCRETE)
 
 
-def test_compiled_acting_step_matches_eager(monkeypatch):
+def test_compiled_acting_step_matches_eager(inductor_fallback_random):
     """agent.compile_act=true: the compiled filter + actor step gives eager's latents and
     actions over a few steps (same seed; inductor uses eager's random numbers here)."""
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch._dynamo.reset()
     runs = {}
     for compiled in (False, True):
