@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents import make_agent
 from agents.config import ConfigError
+from agents.cuda_graph import GraphedUpdate
 from agents.replay import Replay
 from agents.trainer import reuse_host_memory, seed_everything, select_device, to_torch
 from envs import make_vector_env
@@ -230,13 +231,24 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
         bench.warmup,
         device,
     )
-    return {
+    result = {
         "world_model_s": wm_s,
         "imagination_s": imag_s,
         "actor_critic_s": ac_s,
         "imagination_starts": n,
         "imagined_steps_per_s": n * ac.horizon / imag_s,
     }
+    if getattr(agent, "graphed", None) is not None:  # agent.cuda_graph: the dream as a graph too
+
+        def dream(state):
+            with torch.no_grad(), agent._autocast():
+                traj = ac.imagine(wm, state, ac.horizon)
+            return {key: traj[key] for key in ("action", "reward", "cont")}
+
+        graphed = GraphedUpdate(dream)
+        warmup = max(bench.warmup, graphed.warmup + 1)
+        result["imagination_graph_s"] = timed(lambda: graphed(start), bench.repeats, warmup, device)
+    return result
 
 
 def profile_update(agent, batch, bench, device) -> str:
