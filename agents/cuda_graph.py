@@ -29,7 +29,7 @@ class GraphedUpdate:
     """``update(batch) -> metrics`` as a CUDA graph, after ``warmup`` eager calls.
 
     The first ``warmup`` calls run eagerly on a side stream, so that lazily built state
-    (optimiser moments, cuBLAS workspaces) exists before capture. The next call copies its
+    (optimiser moments, cuBLAS workspaces) exists before capture, which uses the same stream. The next call copies its
     batch into static buffers, records ``update`` on them and replays it; every later call
     copies its batch (same keys, shapes and dtypes: a replay batch [B, T, ...] always has
     them) into the buffers and replays. Metrics come back as fresh tensors (clones of the
@@ -48,6 +48,7 @@ class GraphedUpdate:
     def reset(self) -> None:
         """Forget the recorded graph; the next ``warmup`` calls run eagerly again."""
         self.calls = 0
+        self.stream: torch.cuda.Stream | None = None  # warm-up and capture share one stream
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: Batch = {}
         self.outputs: Batch = {}
@@ -59,16 +60,19 @@ class GraphedUpdate:
     def __call__(self, batch: Batch) -> Batch:
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            if self.stream is None:
+                self.stream = torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
                 metrics = self.update(batch)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.stream)
             return metrics
         if self.graph is None:
+            # the stream the warm-up ran on: per-stream library state (cuBLAS workspaces)
+            # already exists there, so nothing is created lazily mid-capture
             self.inputs = {k: v.clone() for k, v in batch.items()}
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self.stream):
                 self.outputs = self.update(self.inputs)
             self.graph = graph  # capture recorded the update; the replay below runs it
         else:
