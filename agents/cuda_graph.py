@@ -31,9 +31,9 @@ class GraphedUpdate:
     The first ``warmup`` calls run eagerly on a side stream, so that lazily built state
     (optimiser moments, cuBLAS workspaces) exists before capture, which uses the same
     stream. The next call copies its batch into static buffers, records ``update`` on them
-    and replays it; every later call copies its batch (same keys, shapes and dtypes: a replay batch [B, T, ...] always has
-    them) into the buffers and replays. Metrics come back as fresh tensors (clones of the
-    graph's outputs). ``reset()`` drops the graph: call it whenever parameters, optimiser
+    and replays it; every later call copies its batch (same keys, shapes and dtypes: a
+    replay batch [B, T, ...] always has them) into the buffers and replays. Metrics come
+    back as fresh tensors (clones of the graph's outputs). ``reset()`` drops the graph: call it whenever parameters, optimiser
     state or buffers are replaced by new tensors (a checkpoint load), since the graph reads
     and writes the memory of the tensors it was recorded with.
     """
