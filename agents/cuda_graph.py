@@ -33,9 +33,9 @@ class GraphedUpdate:
     stream. The next call copies its batch into static buffers, records ``update`` on them
     and replays it; every later call copies its batch (same keys, shapes and dtypes: a
     replay batch [B, T, ...] always has them) into the buffers and replays. Metrics come
-    back as fresh tensors (clones of the graph's outputs). ``reset()`` drops the graph: call it whenever parameters, optimiser
-    state or buffers are replaced by new tensors (a checkpoint load), since the graph reads
-    and writes the memory of the tensors it was recorded with.
+    back as fresh tensors (clones of the graph's outputs). ``reset()`` drops the graph:
+    call it whenever parameters, optimiser state or buffers are replaced by new tensors (a
+    checkpoint load), since the graph reads and writes the memory it was recorded with.
     """
 
     def __init__(self, update: Callable[[Batch], Batch], warmup: int = 3) -> None:
