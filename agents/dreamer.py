@@ -24,6 +24,7 @@ Shape symbols (docs/shapes.md): N parallel envs, B batch, T sequence, A action s
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -104,7 +105,8 @@ class DreamerAgent(Agent):
         # agent.compile_act: torch.compile the acting step (filter + actor), ~100 small ops
         # that otherwise cost ~2 ms per env step on the CPU in launch overhead alone
         self._filter_and_act = self._filter_and_act_eager
-        if "compile_act" in cfg.agent and check_bool(cfg.agent, "compile_act", "agent."):
+        compile_act = "compile_act" in cfg.agent and check_bool(cfg.agent, "compile_act", "agent.")
+        if compile_act:
             if not self.world_model.capturable:
                 raise ConfigError(
                     f"agent.compile_act=true needs a world model with a static-shape step; "
@@ -112,18 +114,24 @@ class DreamerAgent(Agent):
                 )
             self._filter_and_act = torch.compile(self._filter_and_act_eager, dynamic=False)
         # agent.cuda_graph: record the whole update (both losses, backward passes, clipping,
-        # optimiser steps, slow critic) once and replay it (agents/cuda_graph.py)
+        # optimiser steps, slow critic) once and replay it (agents/cuda_graph.py); the acting
+        # step too, one graph per (number of envs, explore)
         self.graphed: GraphedUpdate | None = None
+        self._act_graphs: dict[tuple[int, bool], GraphedUpdate] = {}
         if "cuda_graph" in cfg.agent and check_bool(cfg.agent, "cuda_graph", "agent."):
             if not self.world_model.capturable:
                 raise ConfigError(
                     f"agent.cuda_graph=true needs a world model whose update is graph-safe; "
                     f"{type(self.world_model).__name__} is not (world_model=rssm is)"
                 )
-            if compiled:
-                raise ConfigError("agent.cuda_graph and agent.compile are exclusive: pick one")
+            if compiled or compile_act:
+                raise ConfigError(
+                    "agent.cuda_graph and agent.compile / agent.compile_act are exclusive: pick one"
+                )
             if self.device.type == "cuda":
                 self.graphed = GraphedUpdate(self._update)
+                if self.planner is None:  # the planner's search runs on the host
+                    self._filter_and_act = self._filter_and_act_graphed
             else:
                 warnings.warn(
                     f"agent.cuda_graph=true on device {self.device}: CUDA graphs need a GPU, "
@@ -191,6 +199,38 @@ class DreamerAgent(Agent):
         if self.planner is not None:
             return latent, None
         return latent, self.actor_critic.act(self.world_model.features(latent), explore)
+
+    def _filter_and_act_graphed(
+        self,
+        latent: State,
+        prev_action: torch.Tensor,
+        x: dict[str, torch.Tensor],
+        is_first: torch.Tensor,
+        explore: bool,
+    ) -> tuple[State, torch.Tensor]:
+        """``_filter_and_act_eager`` replayed as a CUDA graph (``agent.cuda_graph``)."""
+        key = (int(is_first.shape[0]), explore)
+        if key not in self._act_graphs:
+            self._act_graphs[key] = GraphedUpdate(self._act_step(explore))
+        inputs = {f"latent.{k}": v for k, v in latent.items()}
+        inputs.update({f"obs.{k}": v for k, v in x.items()})
+        inputs.update(prev_action=prev_action, is_first=is_first)
+        out = self._act_graphs[key](inputs)
+        return {k[7:]: v for k, v in out.items() if k.startswith("latent.")}, out["action"]
+
+    def _act_step(self, explore: bool) -> Callable[[dict], dict]:
+        """The acting step on one flat dict of tensors (``latent.*``, ``obs.*``,
+        ``prev_action``, ``is_first``) -> ``action`` and ``latent.*``: what a graph records."""
+
+        def step(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            state = {k[7:]: v for k, v in inputs.items() if k.startswith("latent.")}
+            obs = {k[4:]: v for k, v in inputs.items() if k.startswith("obs.")}
+            state, action = self._filter_and_act_eager(
+                state, inputs["prev_action"], obs, inputs["is_first"], explore
+            )
+            return {"action": action, **{f"latent.{k}": v for k, v in state.items()}}
+
+        return step
 
     # ------------------------------------------------------------------ learning
     def _model_action(self, action: torch.Tensor) -> torch.Tensor:

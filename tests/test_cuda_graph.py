@@ -12,9 +12,10 @@ Adam on the CPU reads its step count on the host (on CUDA the update's Adam/Adam
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from test_dreamer import BOX, DISCRETE, IMAGE, VECTOR, fake_batch, full_cfg
+from test_dreamer import BOX, DISCRETE, IMAGE, VECTOR, fake_batch, fake_obs, full_cfg
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from agents.config import ConfigError
@@ -74,6 +75,43 @@ def test_update_traces_without_host_syncs_and_its_replays_equal_eager(
             assert torch.allclose(p.float(), q.float(), atol=1e-6), name  # slow critic, moments too
 
 
+@pytest.mark.parametrize("obs_space, action_space", [(VECTOR, DISCRETE), (IMAGE, BOX)])
+def test_acting_step_traces_without_host_syncs_and_its_replays_equal_eager(obs_space, action_space):
+    """The acting step that ``agent.cuda_graph`` replays on a GPU (filter, actor sample),
+    traced once and replayed over steps with episode starts, equals eager acting."""
+    torch.manual_seed(0)
+    agent = DreamerAgent(full_cfg(), obs_space, action_space)
+    step = agent._act_step(explore=True)
+    n = 3
+
+    def inputs(t, latent, action):
+        obs = fake_obs(obs_space, n, t)
+        out = {f"latent.{k}": v for k, v in latent.items()}
+        out.update({f"obs.{k}": torch.as_tensor(v) for k, v in obs.items()})
+        is_first = torch.tensor([t == 0, t == 2, False])
+        return out | {"prev_action": action, "is_first": is_first}
+
+    initial = agent._initial_state(n)
+    static = inputs(0, initial["latent"], initial["action"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        graph = make_fx(step)({k: v.clone() for k, v in static.items()})
+        torch.manual_seed(1)
+        traced = eager = step(static)
+        for t in (1, 2, 3, 4):
+            latent = {k[7:]: v for k, v in traced.items() if k.startswith("latent.")}
+            new = inputs(t, latent, traced["action"])
+            for key, value in new.items():
+                static[key].copy_(value)
+            torch.manual_seed(1 + t)
+            traced = graph(static)
+            latent = {k[7:]: v for k, v in eager.items() if k.startswith("latent.")}
+            torch.manual_seed(1 + t)
+            eager = step(inputs(t, latent, eager["action"]))
+            for key in eager:
+                assert torch.allclose(traced[key].float(), eager[key].float(), atol=1e-6), (t, key)
+
+
 def test_the_trace_check_catches_host_syncs_and_frozen_python_state():
     """The premise of the test above: a ``.item()`` fails to trace, and a Python counter read
     during tracing is frozen into the replay (as it would be into a CUDA graph)."""
@@ -122,7 +160,8 @@ def test_graphed_update_refuses_a_batch_of_another_shape():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_graphed_update_equals_eager_on_gpu():
-    """On a GPU: the captured update replays the eager updates (same seeds, Adam on CUDA)."""
+    """On a GPU: the captured update and acting step replay the eager ones (same seeds, Adam on
+    CUDA)."""
     results = []
     for graphed in (False, True):
         torch.manual_seed(0)
@@ -134,5 +173,13 @@ def test_graphed_update_equals_eager_on_gpu():
             metrics = agent.update({k: v.cuda() for k, v in batch.items()})
             losses.append(metrics["model_loss"].item())
         assert (agent.graphed is not None and agent.graphed.captured) == graphed
-        results.append(losses)
-    assert results[1] == pytest.approx(results[0], rel=1e-4)
+        state, acted = None, []
+        for t in range(6):  # 3 eager warm-up steps, the capture, 2 replays
+            obs = {**fake_obs(VECTOR, 2, t), "is_first": np.array([t == 0, t in (0, 4)])}
+            torch.manual_seed(200 + t)
+            action, state = agent.act(obs, state)
+            acted.append(state["latent"]["deter"].cpu())
+        assert bool(agent._act_graphs) == graphed
+        results.append((losses, torch.stack(acted)))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-4)
+    assert torch.allclose(results[1][1], results[0][1], atol=1e-4)
