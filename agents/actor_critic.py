@@ -150,6 +150,26 @@ def _adam(params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Adam
     return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
+def load_optimiser_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """``opt.load_state_dict(state)`` keeping ``opt``'s own implementation flags.
+
+    A checkpoint's param groups carry ``fused``/``foreach``/``capturable`` of the device it
+    was saved on, and loading them as they are would turn a GPU run resumed from a CPU
+    checkpoint into an unfused Adam that a CUDA graph cannot capture. The step counts move
+    to the device as the flags need (fused or capturable: the parameter's, float32)."""
+    keys = ("fused", "foreach", "capturable")
+    own = [{k: g[k] for k in keys if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, flags in zip(opt.param_groups, own):
+        group.update(flags)
+        on_device = bool(flags.get("fused") or flags.get("capturable"))
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                device = p.device if on_device else torch.device("cpu")
+                opt.state[p]["step"] = step.to(device=device, dtype=torch.float32)
+
+
 def _adamw(groups: list[dict], lr: float, eps: float) -> torch.optim.AdamW:
     """AdamW over parameter groups (``lr``/``weight_decay`` per group, else ``lr`` and no
     decay: plain Adam), fused and capturable on GPU like ``_adam``."""
@@ -493,7 +513,7 @@ class ActorCritic(nn.Module):
         bsz, steps = replay["reward"].shape
         k = min(self.imag_last, steps) if self.imag_last > 0 else steps  # as in _starts
         if k < 2:  # one start row per sequence has no real successor to regress along
-            return feat.new_zeros(())
+            return boot.new_zeros(())
         rows = {key: replay[key][:, -k:] for key in ("reward", "is_last", "is_terminal")}
         boot = boot.reshape(bsz, k)  # [B, K]
         target = replay_return(
@@ -535,5 +555,5 @@ class ActorCritic(nn.Module):
     def load_learner_state_dict(self, state: dict) -> None:
         self.load_state_dict(state["modules"])
         actor_opt, critic_opt = self._optimisers()
-        actor_opt.load_state_dict(state["actor_opt"])
-        critic_opt.load_state_dict(state["critic_opt"])
+        load_optimiser_state(actor_opt, state["actor_opt"])
+        load_optimiser_state(critic_opt, state["critic_opt"])

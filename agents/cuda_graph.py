@@ -38,11 +38,17 @@ class GraphedUpdate:
     checkpoint load), since the graph reads and writes the memory it was recorded with.
     """
 
-    def __init__(self, update: Callable[[Batch], Batch], warmup: int = 3) -> None:
+    def __init__(
+        self,
+        update: Callable[[Batch], Batch],
+        warmup: int = 3,
+        device: torch.device | str | None = None,
+    ) -> None:
         if warmup < 1:
             raise ValueError(f"GraphedUpdate needs at least one eager warm-up call, got {warmup}")
         self.update = update
         self.warmup = warmup
+        self.device = torch.device(device) if device is not None else None  # None: current
         self.reset()
 
     def reset(self) -> None:
@@ -58,6 +64,11 @@ class GraphedUpdate:
         return self.graph is not None
 
     def __call__(self, batch: Batch) -> Batch:
+        # stream and graph belong to the update's GPU (cuda:N need not be the current device)
+        with torch.cuda.device(self.device):
+            return self._call(batch)
+
+    def _call(self, batch: Batch) -> Batch:
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
             if self.stream is None:

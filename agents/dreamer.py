@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.actor_critic import ActorCritic, _adamw
+from agents.actor_critic import ActorCritic, _adamw, load_optimiser_state
 from agents.base import Agent
 from agents.config import ConfigError, check_bool, check_choice, check_float, check_int
 from agents.cuda_graph import GraphedUpdate
@@ -129,7 +129,7 @@ class DreamerAgent(Agent):
                     "agent.cuda_graph and agent.compile / agent.compile_act are exclusive: pick one"
                 )
             if self.device.type == "cuda":
-                self.graphed = GraphedUpdate(self._update)
+                self.graphed = GraphedUpdate(self._update, device=self.device)
                 if self.planner is None:  # the planner's search runs on the host
                     self._filter_and_act = self._filter_and_act_graphed
             else:
@@ -211,7 +211,7 @@ class DreamerAgent(Agent):
         """``_filter_and_act_eager`` replayed as a CUDA graph (``agent.cuda_graph``)."""
         key = (int(is_first.shape[0]), explore)
         if key not in self._act_graphs:
-            self._act_graphs[key] = GraphedUpdate(self._act_step(explore))
+            self._act_graphs[key] = GraphedUpdate(self._act_step(explore), device=self.device)
         inputs = {f"latent.{k}": v for k, v in latent.items()}
         inputs.update({f"obs.{k}": v for k, v in x.items()})
         inputs.update(prev_action=prev_action, is_first=is_first)
@@ -317,7 +317,7 @@ class DreamerAgent(Agent):
             self.graphed.reset()
         try:
             self.world_model.load_state_dict(state["world_model"])
-            self.model_opt.load_state_dict(state["model_opt"])
+            load_optimiser_state(self.model_opt, state["model_opt"])
             self.actor_critic.load_learner_state_dict(state["actor_critic"])
             if self.planner is not None and "planner" in state:
                 self.planner.load_state_dict(state["planner"])

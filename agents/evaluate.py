@@ -35,7 +35,10 @@ def evaluate(
     recording = video_path is not None
     private = agent.rng_state()  # the agent's own streams, restored like the global ones
     try:
-        with torch.random.fork_rng(devices=[]):
+        # the CPU generator and every CUDA one in use (their streams feed training's sampling,
+        # and a CUDA graph's replays: torch.manual_seed below reseeds them all)
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             obs, _ = env.reset(seed=seed)
             state = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import gymnasium as gym
@@ -311,3 +312,28 @@ def test_learner_state_round_trip(tmp_path):
         assert torch.equal(a, b), k
     assert other.moments.high != 0
     assert other.actor_opt.state_dict()["state"][0]["step"] == 1
+
+
+def test_loading_optimiser_state_keeps_the_optimisers_own_flags():
+    """A checkpoint of a foreach (CPU) Adam loaded into a fused one stays fused, with its
+    step count as float32 on the parameters' device, and still steps like the saved one."""
+    from agents.actor_critic import load_optimiser_state
+
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    b.data.copy_(a.data)
+    saved = torch.optim.Adam([a], lr=0.1, foreach=True)
+    for _ in range(3):
+        a.grad = a.detach() ** 2
+        saved.step()
+    fused = torch.optim.Adam([b], lr=0.1, fused=True)
+    b.data.copy_(a.data)
+    load_optimiser_state(fused, copy.deepcopy(saved.state_dict()))  # as if read from disk
+    group = fused.param_groups[0]
+    assert group["fused"] is True and not group["foreach"]
+    step = fused.state[b]["step"]
+    assert step.dtype == torch.float32 and step.device == b.device and step.item() == 3.0
+    a.grad, b.grad = a.detach() ** 2, b.detach() ** 2
+    saved.step()
+    fused.step()
+    assert torch.allclose(a, b, atol=1e-6)  # same moments and bias correction after the load

@@ -181,5 +181,11 @@ def test_graphed_update_equals_eager_on_gpu():
             acted.append(state["latent"]["deter"].cpu())
         assert bool(agent._act_graphs) == graphed
         results.append((losses, torch.stack(acted)))
+        if graphed:  # a checkpoint load drops the update's graph; it is recaptured
+            agent.load_state_dict(agent.state_dict())
+            assert not agent.graphed.captured
+            for batch in batches[:4]:
+                metrics = agent.update({k: v.cuda() for k, v in batch.items()})
+            assert agent.graphed.captured and torch.isfinite(metrics["model_loss"])
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-4)
     assert torch.allclose(results[1][1], results[0][1], atol=1e-4)

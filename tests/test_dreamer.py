@@ -352,3 +352,12 @@ def test_compiled_acting_step_matches_eager(inductor_fallback_random):
     assert torch.allclose(runs[True][1], runs[False][1], atol=1e-5)
     with pytest.raises(ConfigError, match="agent.compile_act"):
         DreamerAgent(full_cfg(**{"agent.compile_act": "yes"}), VECTOR, DISCRETE)
+
+
+def test_one_start_row_per_sequence_leaves_the_replay_value_loss_at_zero():
+    """agent.imag_last=1 with the RSSM's one-hot features: no real successor to regress the
+    replay-value loss along, so it is 0 (it used to crash on OneHotFeatures)."""
+    agent = DreamerAgent(full_cfg(**{"agent.imag_last": 1}), VECTOR, DISCRETE)
+    metrics = agent.update(fake_batch(agent, VECTOR, DISCRETE))
+    assert metrics["repval_loss"].item() == 0.0
+    assert torch.isfinite(metrics["critic_loss"])
