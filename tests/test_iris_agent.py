@@ -31,6 +31,7 @@ TINY = [
     "world_model.layers=1",
     "world_model.heads=2",
     "world_model.context_blocks=4",
+    "world_model.history_blocks=2",  # the preset's 6 need 8 blocks of context
     "agent.batch_size=2",
     "agent.seq_len=4",
     "agent.imag_horizon=6",  # 1 + 6 blocks > 4: the dream refills its KV cache once
@@ -115,7 +116,7 @@ def test_iris_agent_acts_updates_and_round_trips_a_checkpoint(tmp_path):
     agent = make_agent(cfg, obs_space, action_space, torch.device("cpu"))
     assert isinstance(agent, DreamerAgent)
     assert isinstance(agent.world_model, IrisWorldModel)
-    assert agent.world_model.K == 4
+    assert agent.world_model.K == 16  # iris_cpu: a 4x4 grid, here of 16x16 frames
 
     size = cfg.env.size
     actions = rollout(agent, size)

@@ -30,7 +30,13 @@ def tiny_cfg(**overrides):
     """The iris_cpu preset shrunk further (32x32 frames are not used: 64x64 as in the env)."""
     base = OmegaConf.load("configs/world_model/transformer.yaml")
     preset = OmegaConf.load("configs/preset/iris_cpu.yaml").world_model
-    small = {"tokenizer_channels": 8, "tokenizer_res_blocks": 0, "context_blocks": 4}
+    small = {
+        "tokenizer_channels": 8,
+        "tokenizer_res_blocks": 0,
+        "context_blocks": 4,
+        "tokens_per_frame": 4,
+        "history_blocks": 0,
+    }
     return OmegaConf.merge(base, preset, small, overrides)
 
 
