@@ -253,13 +253,14 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
 
 def profile_update(agent, batch, bench, device) -> str:
     """torch.profiler over ``bench.repeats`` updates (after warm-up): the operator table sorted
-    by self time (``bench.profile_rows`` rows); a Chrome trace goes to ``bench.profile_trace``."""
+    by self time (``bench.profile_rows`` rows; one row per operator and input shapes with
+    ``bench.profile_shapes``); a Chrome trace goes to ``bench.profile_trace``."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(bench.warmup):
         agent.update(batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=bench.profile_shapes) as prof:
         for _ in range(bench.repeats):
             agent.update(batch)
         if device.type == "cuda":
@@ -267,7 +268,8 @@ def profile_update(agent, batch, bench, device) -> str:
     if bench.profile_trace:
         prof.export_chrome_trace(str(bench.profile_trace))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=bench.profile_rows)
+    averages = prof.key_averages(group_by_input_shape=bench.profile_shapes)
+    return averages.table(sort_by=key, row_limit=bench.profile_rows)
 
 
 def markdown_row(result: dict[str, Any], command: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,5 +141,8 @@ def test_benchmark_reports_the_split_update_and_a_profile(tmp_path):
         "bench.repeats=1",
         "bench.warmup=0",
         "bench.replay_rows=256",
+        "bench.profile_shapes=true",
     )
     assert "aten::" in alone.stdout  # the profile needs no other part to build its batch
+    # bench.profile_shapes: one row per operator and input shapes, e.g. [[32, 16], []]
+    assert "Input Shapes" in alone.stdout and re.search(r"\[\[\d+, \d+\]", alone.stdout)
