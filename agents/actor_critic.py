@@ -42,7 +42,7 @@ from torch import nn
 
 from agents.config import ConfigError, check_choice, check_float, check_int
 from world_models.base import State, WorldModel, flatten_state, state_map
-from world_models.distributions import TwoHot, onehot_mode, sample_onehot, unimix
+from world_models.distributions import SAMPLERS, TwoHot, onehot_mode, sample_onehot, unimix
 from world_models.networks import (
     MLP,
     NORMS,
@@ -252,6 +252,7 @@ class ActorCritic(nn.Module):
             )
         self.actor_grad = actor_grad
         self.unimix = actor_cfg["unimix"]
+        self.sampler = check_choice(cfg, "actor.sampler", SAMPLERS, p)
         self.min_std, self.max_std = actor_cfg["min_std"], actor_cfg["max_std"]
         self.actor_clip = actor_cfg["grad_clip"]
         self.critic_clip = critic_cfg["grad_clip"]
@@ -312,7 +313,7 @@ class ActorCritic(nn.Module):
         a, b = params
         if self.discrete:
             st = torch.is_grad_enabled()  # exact one-hots when no gradient is wanted
-            return sample_onehot(a, st) if explore else onehot_mode(a, st)
+            return sample_onehot(a, st, method=self.sampler) if explore else onehot_mode(a, st)
         if not explore:
             return a
         return a + b * torch.randn_like(a)

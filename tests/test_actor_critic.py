@@ -14,6 +14,7 @@ from torch import nn
 from agents.actor_critic import ActorCritic, Moments, lambda_return, replay_return
 from agents.config import ConfigError
 from world_models.base import State, WorldModel
+from world_models.distributions import sample_onehot
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DISCRETE = gym.spaces.Discrete(3)
@@ -290,11 +291,30 @@ def test_auto_actor_grad_is_reinforce_for_discrete_and_dynamics_for_continuous()
         ActorCritic(agent_cfg(actor_grad="dynamics"), 5, BOX, differentiable=False)
 
 
+def test_actor_sampler_picks_the_method_of_its_action_draws():
+    """agent.actor.sampler: exploring actions are sample_onehot by that method."""
+    feat = torch.randn(64, 5)
+    acts = {}
+    for method in ("icdf", "gumbel"):
+        torch.manual_seed(0)
+        ac = ActorCritic(agent_cfg(**{"actor.sampler": method}), 5, DISCRETE)
+        with torch.no_grad():
+            params = ac.policy(feat)
+            torch.manual_seed(4)
+            acts[method] = ac.sample(params)
+            torch.manual_seed(4)
+            expected = sample_onehot(params[0], straight_through=False, method=method)
+        assert torch.equal(acts[method], expected), method
+    assert not torch.equal(acts["icdf"], acts["gumbel"])
+
+
 def test_bad_config_values_name_the_key():
     with pytest.raises(ConfigError, match="agent.actor_grad"):
         ActorCritic(agent_cfg(actor_grad="backprop"), 5, DISCRETE)
     with pytest.raises(ConfigError, match="agent.gamma"):
         ActorCritic(agent_cfg(gamma=1.5), 5, DISCRETE)
+    with pytest.raises(ConfigError, match="agent.actor.sampler"):
+        ActorCritic(agent_cfg(**{"actor.sampler": "multinomial"}), 5, DISCRETE)
     with pytest.raises(ConfigError, match="agent.return_norm.perc_high"):
         ActorCritic(agent_cfg(**{"return_norm.perc_high": 2.0}), 5, DISCRETE)
     with pytest.raises(ValueError, match="action spaces"):

@@ -135,23 +135,46 @@ def test_twohot_loss_equals_cross_entropy_with_encode_including_edges():
     torch.testing.assert_close(g_loss, g_dense)
 
 
-def test_sample_frequencies_and_zero_probability_classes():
+@pytest.mark.parametrize("method", ["icdf", "gumbel"])
+def test_sample_frequencies_and_zero_probability_classes(method):
     probs = torch.tensor([0.1, 0.2, 0.7])
     logits = probs.log().expand(20000, 3)
     gen = torch.Generator().manual_seed(0)
-    samples = sample_onehot(logits, straight_through=False, generator=gen)
+    samples = sample_onehot(logits, straight_through=False, generator=gen, method=method)
     assert torch.equal(samples.sum(-1), torch.ones(20000))
     assert set(samples.unique().tolist()) == {0.0, 1.0}
     freq = samples.mean(0)
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)  # ~3 std at n=20000
     again = sample_onehot(
-        logits, straight_through=False, generator=torch.Generator().manual_seed(0)
+        logits, straight_through=False, generator=torch.Generator().manual_seed(0), method=method
     )
     assert torch.equal(samples, again)
     # a class of probability 0 is never drawn, wherever it sits
     logits = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0]).log().expand(20000, 5)
-    picks = sample_onehot(logits, straight_through=False, generator=gen).sum(0)
+    picks = sample_onehot(logits, straight_through=False, generator=gen, method=method).sum(0)
     assert picks[[0, 1, 4]].sum() == 0 and picks[2] > 9000 and picks[3] > 9000
+
+
+def test_both_samplers_match_the_probabilities_of_many_categoricals():
+    """RSSM-like latents (32 rows x 16 categoricals x 16 unimixed classes, every row its own
+    distribution): per categorical, the chi-square of 4,000 draws against its probabilities
+    averages K - 1 = 15 for both methods, and the methods draw different samples."""
+    gen = torch.Generator().manual_seed(3)
+    probs = 0.99 * torch.softmax(3 * torch.randn(32, 16, 16, generator=gen), -1) + 0.01 / 16
+    logits, n = probs.log(), 4000
+    draws = {}
+    for method in ("icdf", "gumbel"):
+        gen = torch.Generator().manual_seed(5)
+        counts = torch.zeros(32, 16, 16, dtype=torch.float64)
+        for _ in range(n):
+            index = sample_index(logits, gen, probs if method == "icdf" else None, method)
+            counts.scatter_add_(-1, index, torch.ones(32, 16, 1, dtype=torch.float64))
+        chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum(-1)  # [32, 16]
+        assert 14.0 < chi2.mean().item() < 16.0, method  # 512 categoricals: mean 15 +- 0.25
+        draws[method] = counts
+    assert not torch.equal(draws["icdf"], draws["gumbel"])
+    with pytest.raises(ValueError, match="icdf"):
+        sample_index(logits, method="multinomial")
 
 
 def test_straight_through_gradient_is_that_of_the_probabilities():

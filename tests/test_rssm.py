@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from agents.config import ConfigError
 from world_models import make_world_model
 from world_models.base import flatten_state
+from world_models.distributions import sample_index
 from world_models.networks import (
     MLP,
     ConvDecoder,
@@ -215,6 +216,30 @@ def test_imagine_step_from_every_posterior_state():
     torch.testing.assert_close(nxt["stoch"].sum(-1), torch.ones(n, 4))
 
 
+def test_world_model_sampler_picks_the_method_of_its_latent_draws():
+    """world_model.sampler: the prior sample of imagine_step is sample_index by that method
+    (same weights and seed, different draws for icdf and gumbel)."""
+    space = vector_space()
+    icdf = RSSM(make_cfg(), space, 2)
+    gumbel = RSSM(make_cfg(sampler="gumbel"), space, 2)
+    gumbel.load_state_dict(icdf.state_dict())
+    with torch.no_grad():
+        _, _, post = icdf.loss(make_batch(space, b=3, t=4))
+    state = flatten_state(post)
+    action = F.one_hot(torch.randint(0, 2, (12,)), 2).float()
+    draws = {}
+    for method, wm in (("icdf", icdf), ("gumbel", gumbel)):
+        torch.manual_seed(9)
+        with torch.no_grad():
+            nxt, _, _ = wm.imagine_step(state, action)
+            logits = wm.prior_logits(nxt["deter"])
+        torch.manual_seed(9)
+        expected = sample_index(logits, method=method).squeeze(-1)  # [12, S]
+        assert torch.equal(nxt["index"], expected), method
+        draws[method] = nxt["index"]
+    assert not torch.equal(draws["icdf"], draws["gumbel"])
+
+
 def test_one_hot_fast_path_equals_the_dense_heads():
     """Where no gradient must reach z the RSSM's img_in, reward and cont heads gather weight
     columns by the latent's class indices (linear_onehot); the results equal the dense path's."""
@@ -339,6 +364,8 @@ def test_factory_and_config_errors():
         RSSM(make_cfg(deter=-3), vector_space(), 2)
     with pytest.raises(ConfigError, match="world_model.norm"):
         RSSM(make_cfg(norm="batch"), vector_space(), 2)
+    with pytest.raises(ConfigError, match="world_model.sampler"):
+        RSSM(make_cfg(sampler="multinomial"), vector_space(), 2)
     with pytest.raises(ConfigError, match="world_model.loss_scales.reward"):
         RSSM(make_cfg(loss_scales={"reward": "high"}), vector_space(), 2)
     cfg = make_cfg()

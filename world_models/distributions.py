@@ -8,8 +8,8 @@ Shape symbols (docs/shapes.md): ``...`` any leading batch dims, K number of clas
 - ``unimix``: 1% uniform mixed into categorical probabilities so no class has probability 0
   (keeps KL terms finite and avoids deterministic collapse of the latent).
 - ``one_hot``: ``F.one_hot`` without its host-side range check.
-- ``sample_onehot``: graph-safe categorical sampling by inverse CDF (no ``torch.multinomial``,
-  no host synchronisation), with straight-through gradients.
+- ``sample_onehot``: graph-safe categorical sampling by inverse CDF or Gumbel-max (no
+  ``torch.multinomial``, no host synchronisation), with straight-through gradients.
 
 Everything here is pure tensor code: no ``.item()``, no data-dependent shapes, so it can be
 captured in a CUDA graph or compiled.
@@ -124,20 +124,33 @@ def unimix(logits: torch.Tensor, mix: float = 0.01) -> torch.Tensor:
     return torch.log(unimix_probs(logits, mix))
 
 
+SAMPLERS = ("icdf", "gumbel")  # the ``method`` of sample_index; config keys ``*.sampler``
+
+
 def sample_index(
     logits: torch.Tensor,
     generator: torch.Generator | None = None,
     probs: torch.Tensor | None = None,
+    method: str = "icdf",
 ) -> torch.Tensor:
     """Class indices [..., 1] (int64) drawn from categoricals with ``logits`` [..., K].
 
-    Inverse CDF: one uniform per categorical is located in the cumulative probabilities
-    (``searchsorted`` over the last dim). Exact, no host sync, and K times fewer random numbers
-    than Gumbel-max (one uniform and two logs per class: 4x slower for the RSSM's
-    1,024 x 32 x 32 latents on the dev CPU, docs/benchmarks.md). A class of probability 0 is
-    never drawn (``right=True``: the index counts the CDF entries <= u * total). ``probs``
-    (softmax(logits), when the caller has it) saves recomputing the softmax.
+    ``icdf`` (inverse CDF): one uniform per categorical is located in the cumulative
+    probabilities (``searchsorted`` over the last dim). K times fewer random numbers than
+    ``gumbel`` (argmax of logits + Gumbel noise: one uniform and two logs per class, 14x slower
+    for the RSSM's 1,024 x 32 x 32 latents on the dev CPU, docs/benchmarks.md). Both are exact
+    and need no host sync; they draw different random numbers from the same generator, so a
+    seed gives a different run with each. A class of probability 0 is never drawn
+    (``right=True``: the index counts the CDF entries <= u * total). ``probs``
+    (softmax(logits), when the caller has it) saves the icdf's softmax.
     """
+    if method == "gumbel":
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        tiny = torch.finfo(logits.dtype).tiny
+        gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))  # [..., K]
+        return torch.argmax(logits.detach() + gumbel, -1, keepdim=True)  # [..., 1]
+    if method != "icdf":
+        raise ValueError(f"sampling method must be one of {SAMPLERS}, got {method!r}")
     probs = torch.softmax(logits.detach(), -1) if probs is None else probs.detach()
     cdf = probs.cumsum(-1)  # [..., K]
     u = torch.rand(
@@ -177,10 +190,12 @@ def sample_onehot(
     logits: torch.Tensor,
     straight_through: bool = True,
     generator: torch.Generator | None = None,
+    method: str = "icdf",
 ) -> torch.Tensor:
-    """One-hot sample [..., K] from categoricals with ``logits`` [..., K] (``sample_index``),
-    straight-through as ``index_onehot``."""
-    return index_onehot(sample_index(logits, generator), logits, straight_through)
+    """One-hot sample [..., K] from categoricals with ``logits`` [..., K] (``sample_index``
+    by ``method``), straight-through as ``index_onehot``."""
+    index = sample_index(logits, generator, method=method)
+    return index_onehot(index, logits, straight_through)
 
 
 def onehot_mode(logits: torch.Tensor, straight_through: bool = True) -> torch.Tensor:

@@ -35,6 +35,7 @@ from torch import nn
 from agents.config import ConfigError, check_choice, check_float, check_int
 from world_models.base import State, WorldModel
 from world_models.distributions import (
+    SAMPLERS,
     TwoHot,
     bernoulli_nll,
     categorical_entropy,
@@ -58,7 +59,7 @@ from world_models.networks import (
 PREFIX = "world_model."
 KEYS = (
     "name", "deter", "stoch", "classes", "units", "layers", "cnn_depth", "minres", "norm",
-    "unimix", "initial", "free_nats", "kl_dyn", "kl_rep", "loss_scales", "reward_bins",
+    "unimix", "sampler", "initial", "free_nats", "kl_dyn", "kl_rep", "loss_scales", "reward_bins",
     "reward_low", "reward_high", "lr", "eps", "grad_clip",
 )  # fmt: skip
 LOSS_KEYS = ("image", "vector", "reward", "cont")
@@ -141,6 +142,7 @@ class RSSM(WorldModel):
         minres = check_int(cfg, "minres", p)
         norm = check_choice(cfg, "norm", NORMS, p)
         self.unimix = check_float(cfg, "unimix", p, 0.0, 1.0)
+        self.sampler = check_choice(cfg, "sampler", SAMPLERS, p)
         self.initial_mode = check_choice(cfg, "initial", ("learned", "zeros"), p)
         self.free_nats = check_float(cfg, "free_nats", p, 0.0)
         self.kl_dyn = check_float(cfg, "kl_dyn", p, 0.0)
@@ -217,7 +219,7 @@ class RSSM(WorldModel):
         ``stoch`` [N, S, K] (straight-through where a gradient is recorded) and its class
         ``index`` [N, S] (int64). ``probs`` serve the sample and the straight-through path,
         so no softmax is recomputed."""
-        index = sample_index(logits, probs=probs)  # [N, S, 1]
+        index = sample_index(logits, probs=probs, method=self.sampler)  # [N, S, 1]
         st = torch.is_grad_enabled() and probs.requires_grad
         stoch = index_onehot(index, logits, straight_through=st, probs=probs)  # [N, S, K]
         return {"deter": deter, "stoch": stoch, "logits": logits, "index": index.squeeze(-1)}
