@@ -247,8 +247,9 @@ class ActorCritic(nn.Module):
             actor_grad = "dynamics" if differentiable and not self.discrete else "reinforce"
         elif actor_grad == "dynamics" and not differentiable:
             raise ConfigError(
-                f"{p}actor_grad=dynamics needs a world model whose imagination is "
-                "differentiable; this one dreams without gradients (IRIS): use reinforce or auto"
+                f"{p}actor_grad=dynamics (the CPU default) needs a world model whose imagination "
+                f"is differentiable; this one dreams without gradients (IRIS): set {p}actor_grad="
+                "auto or reinforce, or use preset=iris_cpu or preset=iris_atari100k"
             )
         self.actor_grad = actor_grad
         self.unimix = actor_cfg["unimix"]

@@ -286,9 +286,26 @@ def test_auto_actor_grad_is_reinforce_for_discrete_and_dynamics_for_continuous()
     assert ActorCritic(agent_cfg(actor_grad="auto"), 5, BOX).actor_grad == "dynamics"
     assert ActorCritic(agent_cfg(actor_grad="reinforce"), 5, BOX).actor_grad == "reinforce"
     # a world model that dreams without gradients (IRIS): auto falls back, dynamics is an error
-    assert ActorCritic(agent_cfg(), 5, BOX, differentiable=False).actor_grad == "reinforce"
-    with pytest.raises(ConfigError, match="agent.actor_grad=dynamics"):
+    auto = agent_cfg(actor_grad="auto")
+    assert ActorCritic(auto, 5, BOX, differentiable=False).actor_grad == "reinforce"
+    with pytest.raises(ConfigError, match="agent.actor_grad=dynamics.*preset=iris_cpu"):
         ActorCritic(agent_cfg(actor_grad="dynamics"), 5, BOX, differentiable=False)
+
+
+def test_cpu_default_backpropagates_discrete_actions_and_presets_keep_the_papers_choice():
+    """The CPU base config uses dynamics (CartPole, docs/benchmarks.md); size and IRIS
+    presets set auto, so they learn with REINFORCE for discrete actions as the papers do."""
+    assert ActorCritic(agent_cfg(), 5, DISCRETE).actor_grad == "dynamics"
+    for preset in (
+        "dreamer_xs",
+        "dreamer_s",
+        "dreamer_m",
+        "dreamer_l",
+        "iris_cpu",
+        "iris_atari100k",
+    ):
+        preset_cfg = OmegaConf.load(CONFIGS / "preset" / f"{preset}.yaml")
+        assert preset_cfg.agent.actor_grad == "auto", preset
 
 
 def test_actor_sampler_picks_the_method_of_its_action_draws():
