@@ -364,6 +364,7 @@ class ActorCritic(nn.Module):
         feat = world_model.head_features(state)  # [N, F]
         feats, actions, rewards, conts, policies = [feat], [], [], [], []
         dynamics = torch.is_grad_enabled()
+        batched = world_model.batched_heads  # reward and continue once over [N, H] after the loop
         for _ in range(horizon):
             with torch.set_grad_enabled(dynamics or keep_policy):
                 params = self.policy(map_features(feat, torch.Tensor.detach))
@@ -374,19 +375,27 @@ class ActorCritic(nn.Module):
             action = self.sample(params_for_action)  # [N, A]
             if not self.discrete:
                 action = action.clamp(-1.0, 1.0)  # the env's range
-            state, reward, cont = world_model.imagine_step(state, action)
+            if batched:
+                state = world_model.imagine_step(state, action, heads=False)[0]
+            else:
+                state, reward, cont = world_model.imagine_step(state, action)
+                rewards.append(reward)
+                conts.append(cont)
             feat = world_model.head_features(state)  # [N, F]
             feats.append(feat)
             actions.append(action)
-            rewards.append(reward)
-            conts.append(cont)
             policies.append(params)
-        zero = torch.zeros_like(rewards[0])  # [N]
+        feat = stack_features(feats, 1)  # [N, H+1, F]
+        if batched:  # the heads in one call over s_0..s_H (contiguous; s_0's are dropped)
+            reward, cont = (x[:, 1:] for x in world_model.heads(feat))  # [N, H] each
+        else:
+            reward, cont = torch.stack(rewards, 1), torch.stack(conts, 1)  # [N, H] each
+        zero = torch.zeros_like(reward[:, :1])  # [N, 1]
         traj = {
-            "feat": stack_features(feats, 1),  # [N, H+1, F]
+            "feat": feat,
             "action": torch.stack(actions, 1),  # [N, H, A]
-            "reward": torch.stack([zero, *rewards], 1),  # [N, H+1]
-            "cont": torch.stack([zero, *conts], 1),  # [N, H+1]
+            "reward": torch.cat([zero, reward], 1),  # [N, H+1]
+            "cont": torch.cat([zero, cont], 1),  # [N, H+1]
         }
         if keep_policy:
             with torch.enable_grad():  # stacking under no_grad would cut the graph
@@ -434,12 +443,12 @@ class ActorCritic(nn.Module):
                 feat = traj["feat"]  # [N, H+1, F]
             # The critic runs on all H+1 states (contiguous tensors: slicing off s_H made
             # strided copies and a batched-matmul fallback); the loss weights s_H by 0.
-            if dynamics:  # the actor's gradient reaches the features through the value
-                value = self.value(feat)  # [N, H+1]
-            feat = map_features(feat, torch.Tensor.detach)  # the critic's own graph from here
-            logits = self.critic(feat)  # [N, H+1, K]
-            if not dynamics:  # one critic pass serves the returns (detached) and the critic loss
-                value = self.twohot.decode(logits.detach())  # [N, H+1]
+            # One critic pass serves the returns and the critic loss. With dynamics it reads
+            # the features with their graph: the actor's gradient reaches them through the
+            # value, while the critic loss's backward stops at the critic's own weights.
+            logits = self.critic(feat if dynamics else map_features(feat, torch.Tensor.detach))
+            value = self.twohot.decode(logits if dynamics else logits.detach())  # [N, H+1]
+            feat = map_features(feat, torch.Tensor.detach)  # [N, H+1, F]
             ret = lambda_return(traj["reward"], cont, value, self.lam, self.gamma)  # [N, H]
             cont = cont.detach()
             # w_t = γ^t ∏_{i<=t} c_i: nothing after a predicted episode end counts
@@ -482,8 +491,8 @@ class ActorCritic(nn.Module):
         # ``inputs`` restricts gradients to the learner's own parameters: the world model (and,
         # for the actor loss in dynamics mode, the critic) get none, and their weight-gradient
         # kernels are skipped by autograd.
+        critic_loss.backward(inputs=critic_params, retain_graph=dynamics)  # graph shared
         actor_loss.backward(inputs=actor_params)
-        critic_loss.backward(inputs=critic_params)
         actor_norm = nn.utils.clip_grad_norm_(actor_params, self.actor_clip, foreach=True)
         critic_norm = nn.utils.clip_grad_norm_(critic_params, self.critic_clip, foreach=True)
         actor_opt.step()

@@ -216,6 +216,35 @@ def test_update_on_one_hot_features_equals_the_update_on_dense_features():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad", ["dynamics", "reinforce"])
+def test_dream_heads_run_once_per_trajectory_and_match_the_per_step_heads(grad):
+    """The RSSM's reward and continue heads run once over the whole dream [N, H+1, F]
+    (``batched_heads``) instead of once per imagined step: the same rewards, continues and
+    updates as predicting them inside every ``imagine_step`` (two updates, both actor
+    gradients; the dynamics one backpropagates through the heads)."""
+    calls, runs = [], []
+    for batched in (True, False):
+        torch.manual_seed(0)
+        agent = DreamerAgent(full_cfg(**{"agent.actor_grad": grad}), VECTOR, DISCRETE, "cpu")
+        wm = agent.world_model
+        wm.batched_heads = batched  # the instance attribute shadows the class's
+        heads = wm.heads
+        wm.heads = lambda feat, heads=heads, b=batched: calls.append(b) or heads(feat)
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            metrics = agent.update(fake_batch(agent, VECTOR, DISCRETE, seed=seed))
+        runs.append(([p.detach().clone() for p in agent.actor_critic.parameters()], metrics))
+    horizon = full_cfg().agent.imag_horizon
+    assert calls.count(True) == 2  # one heads call per dream, i.e. per update
+    assert calls.count(False) == 2 * horizon  # one per imagined step
+    (p0, m0), (p1, m1) = runs
+    for key in ("actor_loss", "critic_loss", "imag_reward", "imag_cont", "imag_return"):
+        torch.testing.assert_close(m0[key], m1[key], rtol=1e-4, atol=1e-6)
+    assert m0["imag_reward"] != 0  # the reward head is not at its zero init after one update
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_latent_mcts_planner_overrides_a_wrong_actor(tmp_path):
     """agent.planner=mcts: the search in the world model finds the action the dream pays for.
 

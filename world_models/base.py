@@ -45,6 +45,12 @@ class WorldModel(nn.Module, ABC):
     """Whether returns can be backpropagated through ``imagine_step`` into the actions
     (``agent.actor_grad: dynamics``); False where dream steps run without a graph (IRIS)."""
 
+    batched_heads: bool = False
+    """Whether ``imagine_step(state, action, heads=False)`` skips the reward and continue heads
+    and ``heads(feat)`` predicts them (reward [...], continue probability [...]) for features
+    [..., F]: the actor-critic then runs the heads once over a whole dream [N, H, F] instead of
+    once per step (the RSSM; a Transformer predicts them inside its step)."""
+
     capturable: bool = False
     """Whether the Dreamer update around this model can be recorded as one CUDA graph
     (``agent.cuda_graph``): no host syncs, no Python-side state that changes per update, static

@@ -271,18 +271,28 @@ class RSSM(WorldModel):
         embed = self.encoder({key: obs[key] for key in self.obs_keys})  # [N, E]
         return self._posterior(deter, embed)
 
+    batched_heads = True  # imagine_step(..., heads=False) + heads(): see WorldModel
+
     def imagine_step(
-        self, state: State, action: torch.Tensor
-    ) -> tuple[State, torch.Tensor, torch.Tensor]:
+        self, state: State, action: torch.Tensor, heads: bool = True
+    ) -> tuple[State, torch.Tensor | None, torch.Tensor | None]:
         """One batched dream step from ``state`` [N, ...] with ``action`` [N, A].
 
-        Returns (prior-sampled next state, predicted reward [N], continue probability [N]).
+        Returns (prior-sampled next state, predicted reward [N], continue probability [N]);
+        ``heads=False`` returns (next state, None, None) for a caller that predicts reward and
+        continue of the whole trajectory at once with ``heads``.
         """
         deter = self._recur(state, action)  # [N, D]
         nxt = self._sampled(deter, *self._dist(self.prior_net(deter)))
-        reward = self.twohot.decode(self.reward_head(self.head_features(nxt)))  # [N]
-        cont = torch.sigmoid(self.cont_head(self.head_features(nxt)).squeeze(-1))  # [N]
-        return nxt, reward, cont
+        if not heads:
+            return nxt, None, None
+        return (nxt, *self.heads(self.head_features(nxt)))
+
+    def heads(self, feat: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted reward [...] and continue probability [...] of features [..., F]."""
+        reward = self.twohot.decode(self.reward_head(feat))
+        cont = torch.sigmoid(self.cont_head(feat).squeeze(-1))
+        return reward, cont
 
     def features(self, state: State) -> torch.Tensor:
         """[h, flatten(z)]: [..., D + S*K]."""
