@@ -25,9 +25,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``episodes`` full episodes; returns mean/std return and per-episode lists.
 
-    The global RNGs are forked, so evaluating never changes what training samples next.
-    With ``video_path``, the first episode of env 0 is saved as an mp4 of its ``image`` obs.
+    With ``num_envs`` > 1 each env runs a fixed share of the episodes (env i the first
+    ``episodes // num_envs`` of its own, one more for i < ``episodes % num_envs``), so short
+    episodes, which end first, are not over-counted. The global RNGs are forked, so
+    evaluating never changes what training samples next. With ``video_path``, the first
+    episode of env 0 is saved as an mp4 of its ``image`` obs.
     """
+    quota = [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
     env = make_vector_env(env_cfg, num_envs, seed=seed)
     returns: list[float] = []
     lengths: list[int] = []
@@ -59,7 +63,8 @@ def evaluate(
                 is_first = is_last.copy()
                 is_last = np.asarray(terminated, bool) | np.asarray(truncated, bool)
                 for i in np.flatnonzero(is_last & valid):
-                    if len(returns) < episodes:
+                    if quota[i] > 0:
+                        quota[i] -= 1
                         returns.append(float(ep_return[i]))
                         lengths.append(int(ep_length[i]))
                     if i == 0:
