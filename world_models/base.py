@@ -48,7 +48,7 @@ class WorldModel(nn.Module, ABC):
     batched_heads: bool = False
     """Whether ``imagine_step(state, action, heads=False)`` skips the reward and continue heads
     and ``heads(feat)`` predicts them (reward [...], continue probability [...]) for features
-    [..., F]: the actor-critic then runs the heads once over a whole dream [N, H, F] instead of
+    [..., F]: the actor-critic then runs the heads once over a whole dream [N, H+1, F] instead of
     once per step (the RSSM; a Transformer predicts them inside its step)."""
 
     capturable: bool = False

@@ -127,6 +127,7 @@ class RSSM(WorldModel):
     """
 
     capturable = True  # agent.cuda_graph: the update is graph-safe (tests/test_cuda_graph.py)
+    batched_heads = True  # imagine_step(..., heads=False) + heads(): see WorldModel
 
     def __init__(self, cfg: Any, obs_space: gym.spaces.Dict, action_dim: int) -> None:
         super().__init__()
@@ -270,8 +271,6 @@ class RSSM(WorldModel):
         deter = self._recur(state, prev_action)  # [N, D]
         embed = self.encoder({key: obs[key] for key in self.obs_keys})  # [N, E]
         return self._posterior(deter, embed)
-
-    batched_heads = True  # imagine_step(..., heads=False) + heads(): see WorldModel
 
     def imagine_step(
         self, state: State, action: torch.Tensor, heads: bool = True
