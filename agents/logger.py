@@ -30,8 +30,10 @@ class Logger:
         total_steps: int,
         start_step: int = 0,
         enabled: bool = True,
+        wall_s: float = 0.0,
     ):
-        """``enabled=False`` (ranks other than 0) keeps the interface but writes nothing."""
+        """``enabled=False`` (ranks other than 0) keeps the interface but writes nothing.
+        ``wall_s``: seconds the run had trained before this process (a resumed run's)."""
         self.run_dir = Path(run_dir)
         self.mode = check_choice(cfg.logger, "mode", ["offline", "online", "disabled"], "logger.")
         self.enabled = enabled
@@ -67,6 +69,7 @@ class Logger:
             )
         self._bar_time, self._bar_updates = time.perf_counter(), 0
         self._last_time = time.perf_counter()
+        self._wall_start = self._last_time - wall_s
         self._last_step = start_step
         self._updates_since = 0
 
@@ -77,6 +80,10 @@ class Logger:
 
     def count_updates(self, n: int) -> None:
         self._updates_since += n
+
+    def wall_s(self) -> float:
+        """Seconds of training so far, over every process of a resumed run."""
+        return time.perf_counter() - self._wall_start
 
     def write(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Average the queued values, append them to metrics.jsonl and W&B; returns the row."""
@@ -96,6 +103,7 @@ class Logger:
         elapsed = max(now - self._last_time, 1e-9)
         row["perf/env_steps_per_s"] = (step - self._last_step) / elapsed
         row["perf/updates_per_s"] = self._updates_since / elapsed
+        row["perf/wall_s"] = now - self._wall_start
         self._last_time, self._last_step, self._updates_since = now, step, 0
         if extra:
             row.update(extra)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,12 @@ class Trainer:
             self._restore()
         self.seed = rank_seed
         self.logger = Logger(
-            cfg, self.run_dir, cfg.trainer.total_steps, self.env_steps, enabled=dist.is_main
+            cfg,
+            self.run_dir,
+            cfg.trainer.total_steps,
+            self.env_steps,
+            enabled=dist.is_main,
+            wall_s=self._wall_s,
         )
         if resume and self._pending is not None:
             for key, values in self._pending.items():
@@ -228,6 +234,7 @@ class Trainer:
         self.ep_length = np.zeros(n, np.int64)
         self.last_return = float("nan")
         self._pending = None
+        self._wall_s = 0.0
 
     def _env_state(self) -> Any:
         from envs.state import get_vector_state
@@ -270,6 +277,7 @@ class Trainer:
             "act_state": _to_tensors(self.act_state),
             "pending_metrics": {k: list(v) for k, v in self.logger._pending.items()},
             "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
+            "wall_s": self.logger.wall_s(),
         }
         path = checkpoint_path(self.run_dir)
         atomic_torch_save(payload, path)
@@ -304,6 +312,7 @@ class Trainer:
             self.act_state = None
         self.last_return = float(loop["last_return"])
         self._pending = ckpt["pending_metrics"]
+        self._wall_s = float(ckpt.get("wall_s", 0.0))  # absent in checkpoints before it
         metrics_path = self.run_dir / "metrics.jsonl"
         if metrics_path.exists():  # drop rows logged after the checkpoint (and torn lines)
             with open(metrics_path, "r+b") as f:
@@ -365,6 +374,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.trainer
+        start = time.perf_counter()
         video = None
         if t.video and "image" in self.obs_space.spaces:
             video = self.run_dir / "videos" / f"eval_{self.env_steps:09d}.mp4"
@@ -385,6 +395,7 @@ class Trainer:
             "eval/return_mean": result["return_mean"],
             "eval/return_std": result["return_std"],
             "eval/length_mean": result["length_mean"],
+            "perf/eval_s": time.perf_counter() - start,
         }
 
     def _due(self, every: int) -> bool:
@@ -431,6 +442,7 @@ class Trainer:
                 print(
                     f"solved: eval return {score:.1f} >= "
                     f"env.solved_return={self.cfg.env.solved_return} at {self.env_steps} env steps"
+                    f" ({self.logger.wall_s() / 60:.1f} min)"
                 )
             self.save()
         finally:

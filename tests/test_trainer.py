@@ -159,6 +159,19 @@ def test_resume_gives_the_same_run(tmp_path, toy_agent):
     assert torch.equal(a, b)
 
 
+def test_wall_clock_continues_across_a_resume(tmp_path, toy_agent):
+    Trainer(toy_cfg(tmp_path, 160), tmp_path).run()
+    saved = load_checkpoint(checkpoint_path(tmp_path))["wall_s"]
+    Trainer(toy_cfg(tmp_path, 320), tmp_path, resume=True).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    walls = [r["perf/wall_s"] for r in rows]
+    assert walls == sorted(walls) and walls[0] > 0
+    # the resumed process starts its clock at the first process's total, not at zero
+    resumed = [r["perf/wall_s"] for r in rows if r["step"] > 160]
+    assert min(resumed) > saved > 0
+    assert all(r["perf/eval_s"] > 0 for r in rows if "eval/return_mean" in r)
+
+
 def test_run_stops_at_the_first_solved_evaluation(tmp_path, toy_agent):
     cfg = toy_cfg(tmp_path, 320)
     cfg.trainer.stop_when_solved = True
