@@ -29,8 +29,9 @@ def evaluate(
     ``episodes // num_envs`` of its own, one more for i < ``episodes % num_envs``), so short
     episodes, which end first, are not over-counted. The global RNGs are forked, so
     evaluating never changes what training samples next. With ``video_path``, the first
-    episode of env 0 is saved as an mp4 of its ``image`` obs.
+    episode of env 0 is saved as an mp4 of its ``image`` obs. At most ``episodes`` envs run.
     """
+    num_envs = max(1, min(num_envs, episodes))
     quota = [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
     env = make_vector_env(env_cfg, num_envs, seed=seed)
     returns: list[float] = []

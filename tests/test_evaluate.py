@@ -47,3 +47,21 @@ def test_each_env_counts_its_share_so_short_episodes_are_not_over_counted(monkey
     assert result["return_mean"] == 6.0
     odd = evaluate_module.evaluate(agent, None, episodes=3, num_envs=2)  # env 0 runs one more
     assert sorted(odd["returns"]) == [2.0, 2.0, 10.0]
+
+
+def test_no_more_envs_than_episodes(monkeypatch):
+    """eval_envs above the episode count builds only as many envs as there are episodes."""
+    built = []
+
+    def make(cfg, num_envs, seed):
+        built.append(num_envs)
+        return gym.vector.SyncVectorEnv(
+            [lambda: FixedLength(3) for _ in range(num_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+        )
+
+    monkeypatch.setattr(evaluate_module, "make_vector_env", make)
+    space = FixedLength.observation_space
+    agent = RandomAgent(OmegaConf.create({"seed": 0}), space, FixedLength.action_space, "cpu")
+    result = evaluate_module.evaluate(agent, None, episodes=2, num_envs=5)
+    assert built == [2] and result["returns"] == [3.0, 3.0]
