@@ -44,6 +44,12 @@ class Replay:
     ``add(step)`` stores one row per env (every value ``[N, ...]``); ``sample(B, T)`` returns
     ``[B, T, ...]`` numpy arrays of T consecutive rows from one stream each, with
     ``is_first[:, 0]`` forced True (when the rows carry ``is_first``).
+
+    ``online=L`` (DreamerV3's 2024 ``replay.online``): the stream is also cut into back-to-back
+    sequences of L rows, ``[k*L, (k+1)*L)``, and ``sample(B, L)`` serves those not yet served
+    first, oldest first, filling the rest of the batch uniformly. Every row is then trained on
+    at least once, soon after it arrives. Sequences overwritten before they were served are
+    skipped.
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class Replay:
         directory: str | Path | None = None,
         chunk_size: int = 1024,
         seed: int = 0,
+        online: int = 0,
     ):
         if int(num_envs) < 1:
             raise ValueError(f"replay num_envs must be >= 1, got {num_envs}")
@@ -63,6 +70,8 @@ class Replay:
             )
         if int(chunk_size) < 1:
             raise ValueError(f"replay chunk_size must be >= 1, got {chunk_size}")
+        if int(online) < 0:
+            raise ValueError(f"replay online sequence length must be >= 0, got {online}")
         self.capacity = int(capacity)
         self.num_envs = int(num_envs)
         self.stream_capacity = self.capacity // self.num_envs  # R
@@ -77,6 +86,9 @@ class Replay:
         self._flushed = 0  # rows per stream that are on disk
         self._protected_lo: int | None = None  # window start at the last state_dict / load
         self._disk_lo = 0  # lowest chunk index that may still have files
+        self.online = int(online)  # L: length of the online sequences (0: off)
+        self._online_start = 0  # global start row of the next online sequence to serve
+        self._online_stream = 0  # ... and its stream (served stream by stream, then onwards)
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:
@@ -142,24 +154,47 @@ class Replay:
     def sample(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         """Draw ``batch_size`` sequences of ``seq_len`` rows: dict of ``[B, T, ...]`` arrays.
 
-        Uniform over (stream, start) among starts whose T rows are all held; sequences may wrap
-        around the ring's end but never cross its write point.
+        Uniform over (stream, start) among starts whose T rows are all held, after any unserved
+        online sequences (``online == T``) at the front; sequences may wrap around the ring's
+        end but never cross its write point.
         """
         if not self.can_sample(seq_len):
             raise ValueError(
                 f"replay cannot sample sequences of {seq_len} rows: each stream holds "
                 f"{self._window()} rows (at most {self.stream_capacity}); check can_sample first"
             )
+        fresh_stream, fresh_start = self._take_online(batch_size, seq_len)  # [k], [k]
         starts = self._window() - seq_len + 1  # valid starts per stream
-        flat = self._rng.integers(0, self.num_envs * starts, size=batch_size)  # [B]
-        stream, offset = np.divmod(flat, starts)  # [B], [B]
-        rows = self._lo() + offset[:, None] + np.arange(seq_len)  # [B, T] global rows
+        flat = self._rng.integers(0, self.num_envs * starts, size=batch_size - len(fresh_start))
+        stream, offset = np.divmod(flat, starts)  # [B - k], [B - k]
+        stream = np.concatenate([fresh_stream, stream])  # [B]
+        start = np.concatenate([fresh_start, self._lo() + offset])  # [B] global start rows
+        rows = start[:, None] + np.arange(seq_len)  # [B, T] global rows
         slots = rows % self.stream_capacity  # [B, T]
         stream = stream[:, None]  # [B, 1]
         batch = {k: a[stream, slots] for k, a in self._store.items()}  # fancy index: a copy
         if "is_first" in batch:
             batch["is_first"][:, 0] = True
         return batch
+
+    def _take_online(self, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``batch_size`` unserved online sequences: (streams [k], global starts [k])."""
+        streams: list[int] = []
+        starts: list[int] = []
+        if self.online != seq_len:
+            return np.array(streams, np.int64), np.array(starts, np.int64)
+        length = self.online
+        if self._online_start < self._lo():  # overwritten before being served: skip them
+            self._online_start = -(-self._lo() // length) * length
+            self._online_stream = 0
+        while len(starts) < batch_size and self._online_start + length <= self._count:
+            streams.append(self._online_stream)
+            starts.append(self._online_start)
+            self._online_stream += 1
+            if self._online_stream == self.num_envs:
+                self._online_stream = 0
+                self._online_start += length
+        return np.array(streams, np.int64), np.array(starts, np.int64)
 
     # ------------------------------------------------------------------ files
     def _path(self, stream: int, chunk: int) -> Path:
@@ -231,6 +266,7 @@ class Replay:
             "rows_per_stream": self._count,  # every stream holds the same count
             "spec": [[k, a.dtype.str, list(a.shape[2:])] for k, a in self._store.items()],
             "rng": _plain(self._rng.bit_generator.state),
+            "online": [self.online, self._online_start, self._online_stream],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -266,6 +302,9 @@ class Replay:
         self._flushed = count
         self._protected_lo = lo
         self._rng.bit_generator.state = state["rng"]
+        length, self._online_start, self._online_stream = state.get("online", [0, 0, 0])
+        if self.online and length != self.online:  # switched on at resume, or another length
+            self._online_start, self._online_stream = count, 0  # serve only the new rows
         if self.directory is not None:
             self._remove_stale_files(lo, count)
 

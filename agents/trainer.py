@@ -145,7 +145,7 @@ def validate_trainer(cfg: Any) -> None:
     check_int(t, "log_every", "trainer.")
     check_int(t, "eval_episodes", "trainer.", low=0)
     check_int(t, "eval_envs", "trainer.")
-    for key in ["video", "progress", "eval_explore", "stop_when_solved"]:
+    for key in ["video", "progress", "eval_explore", "stop_when_solved", "replay_online"]:
         check_bool(t, key, "trainer.")
     check_int(cfg.env, "num_envs", "env.")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
@@ -197,6 +197,7 @@ class Trainer:
                 directory=self.run_dir / shard,
                 chunk_size=cfg.trainer.replay_chunk,
                 seed=rank_seed,
+                online=self.agent.seq_len if cfg.trainer.replay_online else 0,
             )
         if hasattr(self.agent, "bind_env"):  # planners on the true simulator (MCTS)
             self.agent.bind_env(self.env)

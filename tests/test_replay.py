@@ -255,3 +255,35 @@ def test_disk_stays_bounded_under_eviction(tmp_path):
         most = max(most, len(npz_files(tmp_path)))
     assert most <= n * ((per_stream + 50) // chunk + 2)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_online_sequences_are_served_once_oldest_first_then_uniform(tmp_path):
+    replay = Replay(capacity=2 * 100, num_envs=2, seed=0, online=5, directory=tmp_path)
+    fill(replay, 0, 12)  # online sequences: rows 0..4 and 5..9 of both streams (10, 11 wait)
+    batch = replay.sample(3, 5)
+    check_sequences(batch, 12, 100)
+    # the front of the batch: stream 0 rows 0..4, stream 1 rows 0..4, stream 0 rows 5..9
+    assert batch["count"][:, 0].tolist() == [0, 10_000, 5]
+    state = roundtrip(replay.state_dict())
+    resumed = Replay(capacity=2 * 100, num_envs=2, seed=0, online=5, directory=tmp_path)
+    resumed.load_state_dict(state)
+    for r in (replay, resumed):
+        nxt = r.sample(4, 5)["count"][:, 0].tolist()
+        assert nxt[0] == 10_005  # the last pending one; the other 3 are uniform
+        fill(r, 12, 15)  # rows 10..14 complete the next online sequence of each stream
+        assert r.sample(4, 5)["count"][:, 0].tolist()[:2] == [10, 10_010]
+    # another length is never served online; without online the draw is the plain uniform one
+    plain = Replay(capacity=2 * 100, num_envs=2, seed=0)
+    other = Replay(capacity=2 * 100, num_envs=2, seed=0, online=5)
+    fill(plain, 0, 15)
+    fill(other, 0, 15)
+    np.testing.assert_array_equal(plain.sample(4, 6)["count"], other.sample(4, 6)["count"])
+
+
+def test_online_sequences_overwritten_before_serving_are_skipped():
+    replay = Replay(capacity=20, num_envs=1, seed=0, online=4)
+    fill(replay, 0, 30)  # rows 10..29 held: the sequences from 0, 4 and 8 are (partly) gone
+    batch = replay.sample(8, 4)
+    check_sequences(batch, 30, 20)
+    starts = batch["count"][:, 0].tolist()
+    assert starts[:4] == [12, 16, 20, 24]  # 28..31 is not complete yet; then 4 uniform draws

@@ -159,6 +159,16 @@ def test_resume_gives_the_same_run(tmp_path, toy_agent):
     assert torch.equal(a, b)
 
 
+def test_replay_online_serves_the_agents_sequence_length(tmp_path, toy_agent):
+    cfg = toy_cfg(tmp_path, 80)
+    cfg.trainer.replay_online = True
+    trainer = Trainer(cfg, tmp_path)
+    trainer.run()
+    assert trainer.replay.online == ToyAgent.seq_len
+    # 40 rows per stream: 5 online sequences of 8 rows each, all served by the 20 updates
+    assert trainer.replay._online_start == 40 and trainer.updates == 20
+
+
 def test_wall_clock_continues_across_a_resume(tmp_path, toy_agent):
     Trainer(toy_cfg(tmp_path, 160), tmp_path).run()
     saved = load_checkpoint(checkpoint_path(tmp_path))["wall_s"]
