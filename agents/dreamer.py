@@ -45,6 +45,13 @@ from world_models.distributions import one_hot
 OBS_KEYS = ("image", "vector")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN with AVX512-BF16 or AMX): only then
+    does ``agent.precision=bf16`` speed a CPU update up (docs/benchmarks.md, session 10)."""
+    mkldnn = torch.backends.mkldnn.is_available()
+    return bool(mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class DreamerAgent(Agent):
     """World model + imagination actor-critic. See the module docstring.
 
@@ -94,6 +101,12 @@ class DreamerAgent(Agent):
         if "precision" in cfg.agent:
             precision = check_choice(cfg.agent, "precision", ("fp32", "bf16"), "agent.")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
+            warnings.warn(
+                "agent.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 / AMX): "
+                "the update runs several times slower than fp32 (docs/dreamer.md)",
+                stacklevel=2,
+            )
         # agent.compile: torch.compile the world-model loss (forward, and backward through
         # AOTAutograd) and the imagination rollout; absent from configs saved before the key
         compiled = "compile" in cfg.agent and check_bool(cfg.agent, "compile", "agent.")

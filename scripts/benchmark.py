@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents import make_agent
 from agents.config import ConfigError
 from agents.cuda_graph import GraphedUpdate
+from agents.dreamer import cpu_has_bf16
 from agents.replay import Replay
 from agents.trainer import reuse_host_memory, seed_everything, select_device, to_torch
 from envs import make_vector_env
@@ -144,6 +145,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     num_envs = cfg.env.num_envs
     env = make_vector_env(cfg.env, num_envs, seed=cfg.seed)
     agent = make_agent(cfg, env.single_observation_space, env.single_action_space, device)
+    cpu = f"{platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    cpu += " BF16" if cpu_has_bf16() else ""  # native bf16 matmuls: agent.precision=bf16 pays
     result: dict[str, Any] = {
         "agent": cfg.agent.name,
         "world_model": cfg.world_model.name if cfg.agent.name == "dreamer" else None,
@@ -151,7 +154,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device),
         "hardware": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        else f"{cpu}, {torch.get_num_threads()} threads",  # capability: AVX2 / AVX512 / ...
         "reuse_host_memory": result_malloc,
     }
     parts = set(bench.parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -308,6 +309,18 @@ def test_bf16_update_matches_fp32_losses(obs_space):
         fp32, bf16 = losses["fp32"][key].item(), losses["bf16"][key].item()
         assert bf16 == pytest.approx(fp32, rel=0.05, abs=0.02), key
     assert losses["bf16"]["model_loss"] != losses["fp32"]["model_loss"]  # autocast engaged
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_matmuls_warns(monkeypatch, native):
+    """bf16 autocast is a slowdown on CPUs without AVX512-BF16 / AMX: say so at start-up."""
+    monkeypatch.setattr("agents.dreamer.cpu_has_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DreamerAgent(full_cfg(**{"agent.precision": "bf16"}), VECTOR, DISCRETE)
+        DreamerAgent(full_cfg(), VECTOR, DISCRETE)  # fp32 never warns
+    slow = [w for w in caught if "without native bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
 
 
 def test_precision_is_validated():
