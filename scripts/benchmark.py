@@ -161,6 +161,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     unknown = parts - {"replay", "update", "split", "collect", "profile", "memory"}
     if unknown:
         raise ConfigError(f"bench.parts has unknown entries {sorted(unknown)}")
+    if "collect" in parts and bench.collect_rounds < 1:
+        raise ConfigError(f"bench.collect_rounds must be >= 1, got {bench.collect_rounds}")
     if "memory" in parts and agent.learns:  # before the update allocates: the peak is the replay's
         result.update(replay_memory(env, agent, bench.memory_rows, num_envs, cfg.seed))
     if agent.learns and parts & {"replay", "update", "split", "profile"}:
@@ -183,12 +185,22 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         if "profile" in parts:
             result["profile"] = profile_update(agent, batch, bench, device)
     if "collect" in parts:
-        result["collect_steps_per_s"] = collection_rate(
-            env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True, warmup=bench.warmup
-        )
-        result["raw_env_steps_per_s"] = collection_rate(
-            env, agent, bench.collect_steps, num_envs, cfg.seed, policy=False
-        )
+        # policy and raw rounds alternate so that a shared VM's drift hits both alike
+        collect, raw = [], []
+        for i in range(bench.collect_rounds):
+            warmup = bench.warmup if i == 0 else 0
+            collect.append(
+                collection_rate(
+                    env, agent, bench.collect_steps, num_envs, cfg.seed, policy=True, warmup=warmup
+                )
+            )
+            raw.append(
+                collection_rate(
+                    env, agent, bench.collect_steps, num_envs, cfg.seed, policy=False, warmup=warmup
+                )
+            )
+        result["collect_steps_per_s"] = statistics.median(collect)
+        result["raw_env_steps_per_s"] = statistics.median(raw)
     result["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         result["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -146,3 +146,24 @@ def test_benchmark_reports_the_split_update_and_a_profile(tmp_path):
     assert "aten::" in alone.stdout  # the profile needs no other part to build its batch
     # bench.profile_shapes: one row per operator and input shapes, e.g. [[32, 16], []]
     assert "Input Shapes" in alone.stdout and re.search(r"\[\[\d+, \d+\]", alone.stdout)
+
+
+def test_benchmark_collection_rounds_time_the_policy_against_the_raw_env(tmp_path):
+    proc = run(
+        "benchmark.py",
+        *TINY_DREAMER,
+        "bench.parts=[collect]",
+        "bench.collect_steps=200",
+        "bench.collect_rounds=2",
+        "bench.warmup=2",
+    )
+    result = json.loads(proc.stdout[: proc.stdout.index("\n}\n") + 2])
+    # one CartPole step is ~50 us, one eager policy call on one env ~1 ms: the raw env is faster
+    assert 0 < result["collect_steps_per_s"] < result["raw_env_steps_per_s"]
+    assert "update_s" not in result  # only the asked-for part ran
+
+    bad = run(
+        "benchmark.py", *TINY_DREAMER, "bench.parts=[collect]", "bench.collect_rounds=0", ok=False
+    )
+    assert bad.returncode != 0 and "bench.collect_rounds must be >= 1" in bad.stderr
+    assert "Traceback" not in bad.stderr
