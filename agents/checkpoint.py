@@ -1,7 +1,9 @@
 """Checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
 
 A run directory holds ``config.yaml`` (the resolved config, the source of truth for resume and
-eval), ``metrics.jsonl``, ``checkpoints/latest.pt``, ``replay/`` and ``videos/``.
+eval), ``metrics.jsonl``, ``checkpoints/latest.pt``, ``replay/`` and ``videos/``. A data-parallel
+run adds, per rank r >= 1, ``replay_rank{r}/`` and ``checkpoints/rank{r}-{env_steps}.pt`` (that
+rank's envs, replay state, RNG and agent at the step ``latest.pt`` names).
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
+
+
+def rank_checkpoint_path(run_dir: Path, rank: int, env_steps: int) -> Path:
+    """Rank ``rank``'s part of the data-parallel checkpoint taken at ``env_steps``."""
+    return Path(run_dir) / "checkpoints" / f"rank{rank}-{env_steps:012d}.pt"
+
+
+def remove_other_rank_checkpoints(run_dir: Path, rank: int, keep: Path) -> None:
+    """Delete rank ``rank``'s checkpoint parts other than ``keep`` (older or uncommitted)."""
+    for path in (Path(run_dir) / "checkpoints").glob(f"rank{rank}-*.pt"):
+        if path != keep:
+            path.unlink(missing_ok=True)
 
 
 def is_run_dir(path: Path) -> bool:

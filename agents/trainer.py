@@ -19,9 +19,17 @@ import torch
 
 from agents import make_agent
 from agents.base import Agent
-from agents.checkpoint import FORMAT, atomic_torch_save, checkpoint_path, load_checkpoint
+from agents.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    atomic_torch_save,
+    checkpoint_path,
+    load_checkpoint,
+    rank_checkpoint_path,
+    remove_other_rank_checkpoints,
+)
 from agents.config import ConfigError, check_bool, check_int
-from agents.distributed import SINGLE, DistInfo, agent_modules, synchronise
+from agents.distributed import SINGLE, DistInfo, agent_modules, any_rank, barrier, synchronise
 from agents.evaluate import evaluate
 from agents.logger import Logger
 from agents.replay import Replay
@@ -156,8 +164,8 @@ class Trainer:
     """Runs one training job in ``run_dir``; ``resume=True`` continues from its checkpoint.
 
     Under ``torchrun`` (``dist`` from agents/distributed.py) every rank collects with its own
-    envs into its own replay shard and gradients are averaged; rank 0 logs, evaluates and
-    checkpoints.
+    envs into its own replay shard and gradients are averaged; rank 0 logs and evaluates, every
+    rank checkpoints its own part, and all ranks stop at the same step.
     """
 
     def __init__(
@@ -171,8 +179,6 @@ class Trainer:
         reuse_host_memory(cfg)
         if dist.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
-        if dist.world_size > 1 and resume:
-            raise ConfigError("resume is not supported under torchrun yet; resume on one process")
         if dist.world_size > 1 and cfg.agent.get("cuda_graph", False):
             raise ConfigError(
                 "agent.cuda_graph=true is not supported under torchrun yet (the gradient "
@@ -217,7 +223,7 @@ class Trainer:
             enabled=dist.is_main,
             wall_s=self._wall_s,
         )
-        if resume and self._pending is not None:
+        if resume and self._pending is not None and dist.is_main:
             for key, values in self._pending.items():
                 self.logger._pending[key].extend(values)
         self._stop_signal: int | None = None
@@ -245,14 +251,11 @@ class Trainer:
         except (NotImplementedError, TypeError, ValueError, AttributeError):
             return None
 
-    def save(self) -> Path | None:
-        """Checkpoint everything a resumed run needs (atomic write; rank 0 only)."""
-        if not self.dist.is_main:
-            return None
+    def _own_state(self) -> dict[str, Any]:
+        """This process's part of a checkpoint: agent, replay, RNG, envs and loop state."""
         if self.replay is not None:
             self.replay.flush()
-        metrics_path = self.run_dir / "metrics.jsonl"
-        payload = {
+        return {
             "format": FORMAT,
             "agent_name": self.cfg.agent.name,
             "env_id": self.cfg.env.id,
@@ -276,47 +279,93 @@ class Trainer:
                 }
             ),
             "act_state": _to_tensors(self.act_state),
-            "pending_metrics": {k: list(v) for k, v in self.logger._pending.items()},
-            "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
-            "wall_s": self.logger.wall_s(),
         }
+
+    def save(self) -> Path:
+        """Checkpoint everything a resumed run needs, in atomic writes; returns ``latest.pt``.
+
+        Under ``torchrun`` (every rank calls this at the same step) each rank r >= 1 first writes
+        its own part, ``rank{r}-{env_steps}.pt``; once all have, rank 0 writes ``latest.pt``,
+        which names the step and so commits the set. A crash before that leaves the previous
+        set whole; the parts it no longer names are deleted after the commit.
+        """
+        own = self._own_state()
+        own_path = rank_checkpoint_path(self.run_dir, self.dist.rank, self.env_steps)
+        if not self.dist.is_main:
+            atomic_torch_save(own, own_path)
+        barrier(self.dist)
         path = checkpoint_path(self.run_dir)
-        atomic_torch_save(payload, path)
+        if self.dist.is_main:
+            metrics_path = self.run_dir / "metrics.jsonl"
+            payload = {
+                **own,
+                "world_size": self.dist.world_size,
+                "pending_metrics": {k: list(v) for k, v in self.logger._pending.items()},
+                "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
+                "wall_s": self.logger.wall_s(),
+            }
+            atomic_torch_save(payload, path)
+        barrier(self.dist)
+        if not self.dist.is_main:
+            remove_other_rank_checkpoints(self.run_dir, self.dist.rank, keep=own_path)
         return path
+
+    def _load_own_state(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of the checkpoint whose ``latest.pt`` is ``ckpt``."""
+        saved_world = int(ckpt.get("world_size", 1))  # absent before data-parallel resume
+        world = self.dist.world_size
+        if world == 1:  # alone, rank 0's envs and replay continue (also for a torchrun run)
+            return ckpt
+        if saved_world != world:
+            raise CheckpointError(
+                f"run {self.run_dir} was checkpointed by {saved_world} process(es), not {world}: "
+                f"resume it with torchrun --nproc_per_node={saved_world}, or on one process "
+                "(rank 0's envs and replay shard continue)"
+            )
+        if self.dist.is_main:
+            return ckpt
+        path = rank_checkpoint_path(self.run_dir, self.dist.rank, ckpt["env_steps"])
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: rank {self.dist.rank}'s part of the checkpoint at "
+                f"{ckpt['env_steps']} env steps (copy the run directory with its checkpoints/)"
+            )
+        return load_checkpoint(path, agent_name=self.cfg.agent.name, env_id=self.cfg.env.id)
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(
             checkpoint_path(self.run_dir), agent_name=self.cfg.agent.name, env_id=self.cfg.env.id
         )
-        self.env_steps, self.updates = ckpt["env_steps"], ckpt["updates"]
-        self.episodes = ckpt["episodes"]
-        self.agent.load_state_dict(ckpt["agent"])
+        own = self._load_own_state(ckpt)
+        self.env_steps, self.updates = own["env_steps"], own["updates"]
+        self.episodes = own["episodes"]
+        self.agent.load_state_dict(own["agent"])
         if self.replay is not None:
-            self.replay.load_state_dict(ckpt["replay"])
-        set_rng_state(ckpt["rng"])
+            self.replay.load_state_dict(own["replay"])
+        set_rng_state(own["rng"])
         restored_env = False
-        if ckpt["env_state"] is not None:
+        if own["env_state"] is not None:
             from envs.state import set_vector_state
 
-            set_vector_state(self.env, ckpt["env_state"])
+            set_vector_state(self.env, own["env_state"])
             restored_env = True
-        loop = _to_numpy(ckpt["loop"])
+        loop = _to_numpy(own["loop"])
         if restored_env:
             self.obs = loop["obs"]
             self.reward, self.is_first = loop["reward"], loop["is_first"]
             self.is_terminal, self.is_truncated = loop["is_terminal"], loop["is_truncated"]
             self.ep_return, self.ep_length = loop["ep_return"], loop["ep_length"]
-            self.act_state = ckpt["act_state"]
+            self.act_state = own["act_state"]
         else:  # envs whose state cannot be captured restart their episodes
-            obs, _ = self.env.reset(seed=self.cfg.seed + self.env_steps)
+            obs, _ = self.env.reset(seed=self.cfg.seed + 10_007 * self.dist.rank + self.env_steps)
             self.obs = obs
             self.act_state = None
         self.last_return = float(loop["last_return"])
         self._pending = ckpt["pending_metrics"]
         self._wall_s = float(ckpt.get("wall_s", 0.0))  # absent in checkpoints before it
         metrics_path = self.run_dir / "metrics.jsonl"
-        if metrics_path.exists():  # drop rows logged after the checkpoint (and torn lines)
-            with open(metrics_path, "r+b") as f:
+        if self.dist.is_main and metrics_path.exists():
+            with open(metrics_path, "r+b") as f:  # drop rows logged after the checkpoint
                 f.truncate(ckpt["metrics_bytes"])
 
     # ------------------------------------------------------------------ loop
@@ -406,9 +455,9 @@ class Trainer:
         self._stop_signal = signum
 
     def _solved(self, eval_return: float) -> bool:
-        """Whether this evaluation ends the run (``trainer.stop_when_solved``, one process)."""
+        """Whether this evaluation ends the run (``trainer.stop_when_solved``)."""
         target = self.cfg.env.get("solved_return")
-        if not self.cfg.trainer.stop_when_solved or target is None or self.dist.world_size > 1:
+        if not self.cfg.trainer.stop_when_solved or target is None:
             return False
         return eval_return >= target
 
@@ -417,9 +466,9 @@ class Trainer:
         t = self.cfg.trainer
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         last: dict[str, float] = {}
-        solved = False
+        solved = stopping = False
         try:
-            while self.env_steps < t.total_steps and self._stop_signal is None and not solved:
+            while self.env_steps < t.total_steps and not stopping and not solved:
                 self._collect()
                 self._learn()
                 extra = {}
@@ -428,6 +477,8 @@ class Trainer:
                     extra = self.evaluate()
                     score = extra["eval/return_mean"]
                     solved = self._solved(score)
+                # a signal or a solved evaluation on one rank stops every rank at this step
+                stopping, solved = any_rank([self._stop_signal is not None, solved], self.dist)
                 if self._due(t.log_every) or final or extra:
                     extra.update(
                         {
@@ -436,10 +487,10 @@ class Trainer:
                         }
                     )
                     last = self.logger.write(self.env_steps, extra)
-                if self._due(t.checkpoint_every) and not final and not solved:
+                if self._due(t.checkpoint_every) and not (final or solved or stopping):
                     self.save()
                 self.logger.progress(self.env_steps, self.last_return, self.updates)
-            if solved:
+            if solved and self.dist.is_main:
                 print(
                     f"solved: eval return {score:.1f} >= "
                     f"env.solved_return={self.cfg.env.solved_return} at {self.env_steps} env steps"

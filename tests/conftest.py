@@ -16,3 +16,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def toy_agent(monkeypatch):
+    """``agent.name=toy`` builds test_trainer's ToyAgent (a tiny learner for loop tests)."""
+    from test_trainer import ToyAgent
+
+    import agents
+
+    monkeypatch.setitem(agents.AGENTS, "toy", lambda *a: ToyAgent(*a))

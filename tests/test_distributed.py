@@ -1,14 +1,27 @@
-"""Data parallelism on CPU: two gloo ranks with different data keep identical parameters."""
+"""Data parallelism on CPU: two gloo ranks keep identical parameters, stop together, resume."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
+from test_trainer import read_metrics, toy_cfg
+
+from agents.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    rank_checkpoint_path,
+)
+from agents.distributed import DistInfo
+from agents.trainer import Trainer
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -19,7 +32,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    run_dir: str,
+    out_dir: str,
+    total: int = 160,
+    resume: bool = False,
+    signal_rank1_at: int = 0,
+) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -37,28 +59,89 @@ def _worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> Non
     from agents.trainer import Trainer
 
     agents.AGENTS["toy"] = lambda *a: ToyAgent(*a)
-    info = init_from_env("cpu")
-    trainer = Trainer(toy_cfg(Path(run_dir), 160), run_dir, dist=info)
+    info = init_from_env("cpu", timeout=timedelta(seconds=60))  # a hang fails the test
+    trainer = Trainer(toy_cfg(Path(run_dir), total), run_dir, resume=resume, dist=info)
+    if signal_rank1_at and rank == 1:  # Ctrl-C reaching one rank only, mid-run
+        collect = trainer._collect
+
+        def collect_then_signal() -> None:
+            collect()
+            if trainer.env_steps == signal_rank1_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        trainer._collect = collect_then_signal
     trainer.run()
     batch = trainer.replay.sample(4, 8)
     torch.save(
         {
             "w": trainer.agent.w.detach().contiguous(),
             "data": torch.from_numpy(batch["vector"]).sum(),
+            "env_steps": trainer.env_steps,
         },
         Path(out_dir) / f"rank{rank}.pt",
     )
     dist.destroy_process_group()
 
 
+def _spawn(
+    run_dir: Path, out_dir: Path, total: int = 160, resume: bool = False, signal_rank1_at: int = 0
+) -> list[dict]:
+    """Run the toy agent on 2 gloo ranks; returns each rank's final weights and data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = (2, _free_port(), str(run_dir), str(out_dir), total, resume, signal_rank1_at)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
 def test_two_ranks_stay_in_sync(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(run_dir), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = _spawn(run_dir, tmp_path / "out")
     assert not torch.equal(r0["data"], r1["data"])  # each rank collected its own experience
     assert torch.equal(r0["w"], r1["w"])  # ... yet the averaged gradients kept them identical
     assert r0["w"].abs().sum() > 0  # and they did learn
     assert (run_dir / "replay").is_dir() and (run_dir / "replay_rank1").is_dir()
-    assert (run_dir / "checkpoints" / "latest.pt").is_file()  # written by rank 0 only
+    ckpt = load_checkpoint(checkpoint_path(run_dir))
+    assert ckpt["world_size"] == 2 and ckpt["env_steps"] == 160
+    # rank 1's part of the final checkpoint, and only that one (80's was deleted on commit)
+    parts = sorted(p.name for p in (run_dir / "checkpoints").glob("rank*"))
+    assert parts == [rank_checkpoint_path(run_dir, 1, 160).name]
+
+
+@pytest.mark.usefixtures("toy_agent")
+def test_a_signal_on_one_rank_stops_both_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    full_dir.mkdir()
+    split_dir.mkdir()
+    full = _spawn(full_dir, tmp_path / "full_out", total=320)
+    stopped = _spawn(split_dir, tmp_path / "stopped_out", total=320, signal_rank1_at=100)
+    # rank 1 alone got SIGTERM at step 100: both ranks stopped there and checkpointed
+    assert [r["env_steps"] for r in stopped] == [100, 100]
+    assert load_checkpoint(checkpoint_path(split_dir))["env_steps"] == 100
+    assert rank_checkpoint_path(split_dir, 1, 100).is_file()
+
+    resumed = _spawn(split_dir, tmp_path / "resumed_out", total=320, resume=True)
+    for a, b in zip(full, resumed):  # every rank continued its own envs, replay and RNG
+        assert a["env_steps"] == b["env_steps"] == 320
+        assert torch.equal(a["w"], b["w"]) and torch.equal(a["data"], b["data"])
+    assert read_metrics(full_dir) == read_metrics(split_dir)
+
+    # one process may go on from a data-parallel run: rank 0's envs and replay shard continue
+    alone = Trainer(toy_cfg(split_dir, 360), split_dir, resume=True)
+    alone.run()
+    assert alone.env_steps == 360
+
+
+@pytest.mark.usefixtures("toy_agent")
+def test_resuming_with_another_number_of_ranks_or_a_missing_part_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer = Trainer(toy_cfg(run_dir, 40), run_dir)
+    trainer.run()
+    ckpt = {**load_checkpoint(checkpoint_path(run_dir)), "world_size": 2}
+    trainer.dist = DistInfo(rank=1, world_size=3, local_rank=1)
+    with pytest.raises(CheckpointError, match="checkpointed by 2 process.*nproc_per_node=2"):
+        trainer._load_own_state(ckpt)
+    trainer.dist = DistInfo(rank=1, world_size=2, local_rank=1)
+    with pytest.raises(CheckpointError, match="rank1-000000000040.pt is missing"):
+        trainer._load_own_state(ckpt)

@@ -11,7 +11,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-import agents
 from agents.base import Agent
 from agents.checkpoint import (
     CheckpointError,
@@ -78,11 +77,6 @@ class ToyAgent(Agent):
         with torch.no_grad():
             self.net.weight.copy_(state["w"].T)
         self.opt.load_state_dict(state["opt"])
-
-
-@pytest.fixture
-def toy_agent(monkeypatch):
-    monkeypatch.setitem(agents.AGENTS, "toy", lambda *a: ToyAgent(*a))
 
 
 def toy_overrides(total: int) -> list[str]:
