@@ -47,6 +47,13 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Under torchrun the ranks agree whether to stop (a signal, a solved evaluation) after every
+# evaluation and every AGREE_EVERY loop iterations: each agreement is an all-reduce on the host
+# (0.36 ms for 2 gloo ranks on the 2-core dev VM; agreeing on every iteration halved CartPole
+# collection there, 803 against 1,511 env steps/s per rank), so a signal takes effect up to 16
+# iterations late instead.
+AGREE_EVERY = 16
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -473,12 +480,16 @@ class Trainer:
                 self._learn()
                 extra = {}
                 final = self.env_steps >= t.total_steps
-                if self.dist.is_main and t.eval_episodes > 0 and (self._due(t.eval_every) or final):
+                evaluating = t.eval_episodes > 0 and (self._due(t.eval_every) or final)
+                if self.dist.is_main and evaluating:
                     extra = self.evaluate()
                     score = extra["eval/return_mean"]
                     solved = self._solved(score)
-                # a signal or a solved evaluation on one rank stops every rank at this step
-                stopping, solved = any_rank([self._stop_signal is not None, solved], self.dist)
+                if self.dist.world_size == 1:
+                    stopping = self._stop_signal is not None
+                elif evaluating or (self.env_steps // self.num_envs) % AGREE_EVERY == 0:
+                    # a signal or a solved evaluation on one rank stops every rank at this step
+                    stopping, solved = any_rank([self._stop_signal is not None, solved], self.dist)
                 if self._due(t.log_every) or final or extra:
                     extra.update(
                         {

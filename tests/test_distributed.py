@@ -21,7 +21,7 @@ from agents.checkpoint import (
     rank_checkpoint_path,
 )
 from agents.distributed import DistInfo
-from agents.trainer import Trainer
+from agents.trainer import AGREE_EVERY, Trainer
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -115,10 +115,12 @@ def test_a_signal_on_one_rank_stops_both_and_the_resumed_run_equals_the_uninterr
     split_dir.mkdir()
     full = _spawn(full_dir, tmp_path / "full_out", total=320)
     stopped = _spawn(split_dir, tmp_path / "stopped_out", total=320, signal_rank1_at=100)
-    # rank 1 alone got SIGTERM at step 100: both ranks stopped there and checkpointed
-    assert [r["env_steps"] for r in stopped] == [100, 100]
-    assert load_checkpoint(checkpoint_path(split_dir))["env_steps"] == 100
-    assert rank_checkpoint_path(split_dir, 1, 100).is_file()
+    # rank 1 alone got SIGTERM at step 100: both ranks stopped at the next agreement (every
+    # AGREE_EVERY iterations of 2 envs: step 128) and checkpointed there
+    step = 2 * AGREE_EVERY * (100 // (2 * AGREE_EVERY) + 1)
+    assert [r["env_steps"] for r in stopped] == [step, step]
+    assert load_checkpoint(checkpoint_path(split_dir))["env_steps"] == step
+    assert rank_checkpoint_path(split_dir, 1, step).is_file()
 
     resumed = _spawn(split_dir, tmp_path / "resumed_out", total=320, resume=True)
     for a, b in zip(full, resumed):  # every rank continued its own envs, replay and RNG
