@@ -7,8 +7,11 @@
 Reports seconds per update (split into world model / imagination / actor-critic for agents built
 on a world model), imagined latent steps/s, env steps/s while collecting with policy inference
 (and the raw vector env's rate), replay sampling time for the agent's [B, T] batch, and peak host
-and device memory. Each figure is the median of ``bench.repeats`` timings after
-``bench.warmup`` untimed calls; CUDA work is synchronised before every clock read.
+and device memory. ``bench.parts=[dream]`` times the dream alone at a fixed size (64 starts x
+horizon 20 by default, as IRIS's): imagined steps/s and, for token world models, tokens/s;
+``world_model.kv_cache=false`` gives IRIS's recomputing baseline. Each figure is the median of
+``bench.repeats`` timings after ``bench.warmup`` untimed calls; CUDA work is synchronised before
+every clock read.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from agents.dreamer import cpu_has_bf16
 from agents.replay import Replay
 from agents.trainer import reuse_host_memory, seed_everything, select_device, to_torch
 from envs import make_vector_env
+from world_models.base import flatten_state
 
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
@@ -158,14 +162,14 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         "reuse_host_memory": result_malloc,
     }
     parts = set(bench.parts)
-    unknown = parts - {"replay", "update", "split", "collect", "profile", "memory"}
+    unknown = parts - {"replay", "update", "split", "collect", "profile", "memory", "dream"}
     if unknown:
         raise ConfigError(f"bench.parts has unknown entries {sorted(unknown)}")
     if "collect" in parts and bench.collect_rounds < 1:
         raise ConfigError(f"bench.collect_rounds must be >= 1, got {bench.collect_rounds}")
     if "memory" in parts and agent.learns:  # before the update allocates: the peak is the replay's
         result.update(replay_memory(env, agent, bench.memory_rows, num_envs, cfg.seed))
-    if agent.learns and parts & {"replay", "update", "split", "profile"}:
+    if agent.learns and parts & {"replay", "update", "split", "profile", "dream"}:
         b, t = agent.batch_size, agent.seq_len
         result["batch"] = f"{b}x{t}"
         replay = fill_replay(env, agent, bench.replay_rows, num_envs, cfg.seed)
@@ -184,6 +188,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
             result.update(split_update(agent, batch, bench, device))
         if "profile" in parts:
             result["profile"] = profile_update(agent, batch, bench, device)
+        if "dream" in parts and hasattr(agent, "world_model") and hasattr(agent, "actor_critic"):
+            result.update(dream_rate(agent, batch, bench, device))
     if "collect" in parts:
         # policy and raw rounds alternate so that a shared VM's drift hits both alike
         collect, raw = [], []
@@ -266,6 +272,44 @@ def split_update(agent, batch, bench, device) -> dict[str, float]:
     return result
 
 
+def dream_rate(agent, batch, bench, device) -> dict[str, Any]:
+    """The actor-critic's dream alone, without gradients: ``bench.dream_starts`` posterior
+    states of a replay batch (rows repeated when the batch has fewer) rolled
+    ``bench.dream_horizon`` steps with the actor's sampled actions. A token world model
+    (``block_len``: IRIS's K frame tokens + 1 action position) also reports generated
+    positions per second."""
+    if bench.dream_starts < 1 or bench.dream_horizon < 1:
+        raise ConfigError(
+            f"bench.dream_starts and bench.dream_horizon must be >= 1, got "
+            f"{bench.dream_starts} and {bench.dream_horizon}"
+        )
+    wm, ac = agent.world_model, agent.actor_critic
+    data, _ = agent.model_inputs(batch)
+    with torch.no_grad(), agent._autocast():
+        _, _, post = agent.model_loss(data)
+    post = flatten_state({k: v.detach() for k, v in post.items()})  # [B*T, ...]
+    rows = next(iter(post.values())).shape[0]
+    index = torch.arange(bench.dream_starts, device=device) % rows
+    start = {k: v[index] for k, v in post.items()}  # [N, ...]
+    n, horizon = bench.dream_starts, bench.dream_horizon
+
+    def dream():
+        with torch.no_grad(), agent._autocast():
+            ac.imagine(wm, start, horizon)
+
+    seconds = timed(dream, bench.repeats, bench.warmup, device)
+    result = {
+        "dream": f"{n}x{horizon}",
+        "dream_s": seconds,
+        "dream_steps_per_s": n * horizon / seconds,
+        "kv_cache": getattr(wm, "kv_cache", None),
+    }
+    positions = getattr(wm, "block_len", None)
+    if positions is not None:
+        result["dream_tokens_per_s"] = n * horizon * positions / seconds
+    return result
+
+
 def profile_update(agent, batch, bench, device) -> str:
     """torch.profiler over ``bench.repeats`` updates (after warm-up): the operator table sorted
     by self time (``bench.profile_rows`` rows; one row per operator and input shapes with
@@ -303,6 +347,18 @@ def markdown_row(result: dict[str, Any], command: str) -> str:
     )
 
 
+def dream_row(result: dict[str, Any], command: str) -> str:
+    """The ``dream`` part's markdown row (docs/benchmarks.md and docs/iris.md tables)."""
+    tokens = result.get("dream_tokens_per_s")
+    cache = {True: "KV cache", False: "recompute", None: "–"}[result["kv_cache"]]
+    return (
+        f"| {result['agent']}{'+' + result['world_model'] if result['world_model'] else ''} "
+        f"| {result['env']} | {result['dream']} | {result['hardware']} | {cache} "
+        f"| {result['dream_s']:.3g} | {result['dream_steps_per_s']:.3g} "
+        f"| {'–' if tokens is None else f'{tokens:.3g}'} | `{command}` |"
+    )
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     def body():
@@ -313,11 +369,13 @@ def main(cfg: DictConfig) -> None:
         print(json.dumps(result, indent=2))
         if table:
             print(table)
-        row = markdown_row(result, command)
-        print(row)
+        rows = [markdown_row(result, command)]
+        if "dream" in result:
+            rows.append(dream_row(result, command))
+        print("\n".join(rows))
         if cfg.bench.append:
             with open(Path(_common.ROOT) / cfg.bench.append, "a") as f:
-                f.write(row + "\n")
+                f.write("".join(row + "\n" for row in rows))
 
     _common.run_cli(body)
 

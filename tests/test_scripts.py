@@ -148,6 +148,45 @@ def test_benchmark_reports_the_split_update_and_a_profile(tmp_path):
     assert "Input Shapes" in alone.stdout and re.search(r"\[\[\d+, \d+\]", alone.stdout)
 
 
+def test_benchmark_dream_part_reports_steps_and_tokens_per_second(tmp_path):
+    table = tmp_path / "rows.md"
+    proc = run(
+        "benchmark.py",
+        "agent=dreamer",
+        "world_model=transformer",
+        "preset=iris_cpu",
+        "env=cartpole",
+        "env.from_pixels=true",
+        "world_model.layers=1",
+        "world_model.width=16",
+        "world_model.heads=2",
+        "world_model.tokens_per_frame=4",
+        "world_model.tokenizer_channels=8",
+        "world_model.kv_cache=false",
+        "agent.batch_size=2",
+        "bench.parts=[dream]",
+        "bench.dream_starts=20",  # more than the 2 x 8 batch's 16 rows: rows repeat
+        "bench.dream_horizon=3",
+        "bench.repeats=1",
+        "bench.warmup=0",
+        "bench.replay_rows=64",
+        f"bench.append={table}",
+    )
+    result = json.loads(proc.stdout[: proc.stdout.index("\n}\n") + 2])
+    assert result["dream"] == "20x3" and result["kv_cache"] is False
+    assert result["dream_steps_per_s"] == pytest.approx(60 / result["dream_s"])
+    # IRIS generates K + 1 = 5 positions per imagined step
+    assert result["dream_tokens_per_s"] == pytest.approx(5 * result["dream_steps_per_s"])
+    rows = table.read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("| dreamer+transformer | CartPole-v1 | 20x3 |")
+    assert "| recompute |" in rows[1]
+
+    bad = run(
+        "benchmark.py", *TINY_DREAMER, "bench.parts=[dream]", "bench.dream_horizon=0", ok=False
+    )
+    assert bad.returncode == 2 and "bench.dream_starts and bench.dream_horizon" in bad.stderr
+
+
 def test_benchmark_collection_rounds_time_the_policy_against_the_raw_env(tmp_path):
     proc = run(
         "benchmark.py",

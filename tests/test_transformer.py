@@ -222,6 +222,37 @@ def test_imagination_shapes_device_and_refill(history_blocks):
     assert not feats.requires_grad
 
 
+@pytest.mark.parametrize("history_blocks", [0, 1])
+def test_recomputing_the_prefix_dreams_and_filters_exactly_what_the_kv_cache_does(history_blocks):
+    """world_model.kv_cache=false (the throughput baseline) runs the Transformer over the whole
+    prefix at every position; acting and dreaming (refills included) must give the cache's
+    tokens, rewards, continues and features."""
+    torch.manual_seed(0)
+    cached = make_model(history_blocks=history_blocks).eval()
+    plain = make_model(history_blocks=history_blocks, kv_cache=False).eval()
+    plain.load_state_dict(cached.state_dict())
+    batch = random_batch(2, 3)
+    _, _, post = cached.loss(batch)
+    start = flatten_state(post)
+    actions = F.one_hot(torch.randint(0, A, (6, 6)), A).float()  # [H, N, A]
+    first = torch.tensor([[True] * 2, [False, True], [False, False]])  # per acting step [N]
+    runs = []
+    for model in (cached, plain):
+        torch.manual_seed(1)  # the same token samples, if the logits are the same
+        state, out = dict(start), []
+        for action in actions:  # 6 steps through a 4-block cache: refills on the way
+            state, reward, cont = model.imagine_step(state, action)
+            out += [state["tokens"], reward, cont, model.features(state)]
+        act = model.initial(2)
+        for t in range(3):
+            act = model.observe_step(act, actions[t, :2], {"image": batch["image"][:, t]}, first[t])
+            out += [act["tokens"], act["valid"], model.features(act)]
+        runs.append(out)
+    assert "seq" in state and "kv" not in state  # the plain model kept no cache
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_observe_step_resets_rows_and_matches_a_fresh_start():
     """A row with is_first=True ends up exactly like the same frame in a fresh state's cache."""
     torch.manual_seed(0)

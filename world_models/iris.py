@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.config import ConfigError, check_choice, check_float, check_int
+from agents.config import ConfigError, check_bool, check_choice, check_float, check_int
 from world_models.base import State, WorldModel
 from world_models.distributions import TwoHot, sample_index
 from world_models.tokenizer import Tokenizer
@@ -108,6 +108,10 @@ class IrisWorldModel(WorldModel):
         )
         self.reward_head_kind = check_choice(cfg, "reward_head", ["sign", "twohot"], p)
         self.temperature = check_float(cfg, "temperature", p, low=1e-3)
+        # false: every position recomputes the whole prefix (the KV cache's measured baseline);
+        # absent from configs saved before the key existed
+        self.kv_cache = check_bool(cfg, "kv_cache", p) if "kv_cache" in cfg else True
+        self._context = "kv" if self.kv_cache else "seq"  # the state entry holding the prefix
         self.feature_kind = check_choice(cfg, "features", ["hidden", "tokens"], p)
         self.weights = {
             k: check_float(cfg, f"{k}_weight", p, low=0.0)
@@ -326,11 +330,10 @@ class IrisWorldModel(WorldModel):
     def initial(self, batch_size: int) -> State:
         device = self.pos_emb.weight.device
         c, k, n = self.history_blocks, self.K, batch_size
-        cache = self.transformer.new_cache(n, self.capacity, device)
         state = {
             "tokens": torch.zeros(n, k, dtype=torch.long, device=device),
             "hidden": torch.zeros(n, self.width, device=device),
-            "kv": cache.as_state(),
+            self._context: self._empty_context(n, device),
             "valid": torch.zeros(n, 0, dtype=torch.bool, device=device),
         }
         if c > 0:
@@ -339,16 +342,30 @@ class IrisWorldModel(WorldModel):
             state["hist_valid"] = torch.zeros(n, c, dtype=torch.bool, device=device)
         return state
 
-    def _feed(self, state: State, x: torch.Tensor, new_valid: torch.Tensor) -> torch.Tensor:
-        """Append embedded inputs x [N, S, D] to the cache; returns outputs [N, S, D].
+    def _empty_context(self, n: int, device: torch.device) -> torch.Tensor:
+        """An empty prefix for n rows: the KV cache [L, 2, N, h, M, d] as a tensor, or (with
+        ``kv_cache: false``) the embedded inputs [N, 0, D] that every pass recomputes."""
+        if self.kv_cache:
+            return self.transformer.new_cache(n, self.capacity, device).as_state()
+        return torch.zeros(n, 0, self.width, device=device)
 
-        Updates ``state["valid"]`` to [N, P+S] in place of the dict entry.
+    def _feed(self, state: State, x: torch.Tensor, new_valid: torch.Tensor) -> torch.Tensor:
+        """Append embedded inputs x [N, S, D] to the prefix; returns outputs [N, S, D].
+
+        Updates ``state["valid"]`` to [N, P+S] in place of the dict entry. With the KV cache
+        the S positions attend to the cached keys and values of the P before them; without
+        (``kv_cache: false``) the Transformer runs over all P+S positions again.
         """
         p, s = state["valid"].shape[1], x.shape[1]
         x = x + self._positions(p, s, x.device)
         key_valid = torch.cat([state["valid"], new_valid], 1)  # [N, P+S]
-        cache = KVCache.from_state(state["kv"])
-        out = self.transformer(x, attention_mask(key_valid, s), cache, p)
+        if self.kv_cache:
+            cache = KVCache.from_state(state["kv"])
+            out = self.transformer(x, attention_mask(key_valid, s), cache, p)
+        else:
+            seq = torch.cat([state["seq"], x.to(state["seq"].dtype)], 1)  # [N, P+S, D]
+            out = self.transformer(seq, attention_mask(key_valid, p + s))[:, p:]
+            state["seq"] = seq
         state["valid"] = key_valid
         return out
 
@@ -361,9 +378,10 @@ class IrisWorldModel(WorldModel):
         """
         n, k = state["tokens"].shape[0], self.K
         new = dict(state)
-        if "kv" not in state or state["kv"].shape[0] != n:
-            cache = self.transformer.new_cache(n, self.capacity, state["tokens"].device)
-            new["kv"] = cache.as_state()
+        context = state.get(self._context)  # a cache is reused: positions 0.. are rewritten
+        rows = None if context is None else context.shape[2 if self.kv_cache else 0]
+        if rows != n or not self.kv_cache:
+            new[self._context] = self._empty_context(n, state["tokens"].device)
         x = self.token_emb(state["tokens"])  # [N, K, D]
         valid = torch.ones(n, k, dtype=torch.bool, device=x.device)  # [N, K]
         if "hist_tokens" in state:
@@ -377,7 +395,7 @@ class IrisWorldModel(WorldModel):
         return new
 
     def _ensure_room(self, state: State) -> State:
-        if "kv" not in state or state["valid"].shape[1] + self.block_len > self.capacity:
+        if self._context not in state or state["valid"].shape[1] + self.block_len > self.capacity:
             return self._refill(state)
         return dict(state)
 
