@@ -164,6 +164,10 @@ def test_presets_compose_with_seq_len_fitting_the_context():
         assert cfg.world_model.name == "transformer"
         t, ctx = cfg.agent.seq_len, cfg.world_model.context_blocks
         assert t <= ctx or t % ctx == 0, preset
+    # IRIS's tokenizer batch: 256 frames of the 64 x 20 = 1,280 (all of them needed > 24 GB)
+    atari = compose_cfg([], "iris_atari100k")
+    assert atari.world_model.tokenizer_batch == 256
+    assert atari.agent.batch_size * atari.agent.seq_len == 1280
 
 
 def test_dreamer_optimises_iris_per_part_with_its_config_lrs():
