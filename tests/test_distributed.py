@@ -41,6 +41,7 @@ def _worker(
     total: int = 160,
     resume: bool = False,
     signal_rank1_at: int = 0,
+    solved_return: float | None = None,
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -60,7 +61,11 @@ def _worker(
 
     agents.AGENTS["toy"] = lambda *a: ToyAgent(*a)
     info = init_from_env("cpu", timeout=timedelta(seconds=60))  # a hang fails the test
-    trainer = Trainer(toy_cfg(Path(run_dir), total), run_dir, resume=resume, dist=info)
+    cfg = toy_cfg(Path(run_dir), total)
+    if solved_return is not None:  # rank 0 alone evaluates; every rank must stop with it
+        cfg.trainer.stop_when_solved = True
+        cfg.env.solved_return = solved_return
+    trainer = Trainer(cfg, run_dir, resume=resume, dist=info)
     if signal_rank1_at and rank == 1:  # Ctrl-C reaching one rank only, mid-run
         collect = trainer._collect
 
@@ -84,11 +89,17 @@ def _worker(
 
 
 def _spawn(
-    run_dir: Path, out_dir: Path, total: int = 160, resume: bool = False, signal_rank1_at: int = 0
+    run_dir: Path,
+    out_dir: Path,
+    total: int = 160,
+    resume: bool = False,
+    signal_rank1_at: int = 0,
+    solved_return: float | None = None,
 ) -> list[dict]:
     """Run the toy agent on 2 gloo ranks; returns each rank's final weights and data."""
     out_dir.mkdir(parents=True, exist_ok=True)
     args = (2, _free_port(), str(run_dir), str(out_dir), total, resume, signal_rank1_at)
+    args += (solved_return,)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -109,7 +120,9 @@ def test_two_ranks_stay_in_sync(tmp_path):
 
 
 @pytest.mark.usefixtures("toy_agent")
-def test_a_signal_on_one_rank_stops_both_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
+def test_a_signal_or_a_solve_on_one_rank_stops_both_and_a_resume_equals_the_uninterrupted_run(
+    tmp_path,
+):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     full_dir.mkdir()
     split_dir.mkdir()
@@ -127,6 +140,13 @@ def test_a_signal_on_one_rank_stops_both_and_the_resumed_run_equals_the_uninterr
         assert a["env_steps"] == b["env_steps"] == 320
         assert torch.equal(a["w"], b["w"]) and torch.equal(a["data"], b["data"])
     assert read_metrics(full_dir) == read_metrics(split_dir)
+
+    # a solved evaluation (rank 0's alone) stops both ranks at that step: the first, 80
+    solved_dir = tmp_path / "solved"
+    solved_dir.mkdir()
+    solved = _spawn(solved_dir, tmp_path / "solved_out", total=320, solved_return=1.0)
+    assert [r["env_steps"] for r in solved] == [80, 80]
+    assert load_checkpoint(checkpoint_path(solved_dir))["env_steps"] == 80
 
     # one process may go on from a data-parallel run: rank 0's envs and replay shard continue
     alone = Trainer(toy_cfg(split_dir, 360), split_dir, resume=True)
