@@ -297,11 +297,11 @@ class Trainer:
         set whole; the parts it no longer names are deleted after the commit.
         """
         own = self._own_state()
-        own_path = rank_checkpoint_path(self.run_dir, self.dist.rank, self.env_steps)
-        if not self.dist.is_main:
-            atomic_torch_save(own, own_path)
-        barrier(self.dist)
         path = checkpoint_path(self.run_dir)
+        part = rank_checkpoint_path(self.run_dir, self.dist.rank, self.env_steps)
+        if not self.dist.is_main:
+            atomic_torch_save(own, part)
+        barrier(self.dist)
         if self.dist.is_main:
             metrics_path = self.run_dir / "metrics.jsonl"
             payload = {
@@ -314,7 +314,7 @@ class Trainer:
             atomic_torch_save(payload, path)
         barrier(self.dist)
         if not self.dist.is_main:
-            remove_other_rank_checkpoints(self.run_dir, self.dist.rank, keep=own_path)
+            remove_other_rank_checkpoints(self.run_dir, self.dist.rank, keep=part)
         return path
 
     def _load_own_state(self, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -372,7 +372,7 @@ class Trainer:
         self._wall_s = float(ckpt.get("wall_s", 0.0))  # absent in checkpoints before it
         metrics_path = self.run_dir / "metrics.jsonl"
         if self.dist.is_main and metrics_path.exists():
-            with open(metrics_path, "r+b") as f:  # drop rows logged after the checkpoint
+            with open(metrics_path, "r+b") as f:  # drop rows logged after it (and torn lines)
                 f.truncate(ckpt["metrics_bytes"])
 
     # ------------------------------------------------------------------ loop

@@ -204,10 +204,11 @@ def test_imagination_shapes_device_and_refill(history_blocks):
     b, t, h = 2, 3, 6
     _, _, post = model.loss(random_batch(b, t))
     state = flatten_state(post)
-    feats, rewards, conts = [model.features(state)], [], []
+    feats, rewards, conts, storage = [model.features(state)], [], [], set()
     for _ in range(h):  # cache holds 4 blocks: refills happen inside the horizon
         action = F.one_hot(torch.randint(0, A, (b * t,)), A).float()
         state, r, c = model.imagine_step(state, action)
+        storage.add(state["kv"].data_ptr())
         feats.append(model.features(state))
         rewards.append(r)
         conts.append(c)
@@ -216,6 +217,7 @@ def test_imagination_shapes_device_and_refill(history_blocks):
     assert rewards.shape == conts.shape == (h, b * t)
     assert state["tokens"].shape == (b * t, model.K) and state["tokens"].dtype == torch.long
     assert state["kv"].shape[0] == b * t
+    assert len(storage) == 1  # refills rewrite the one cache, never allocate another
     assert all(x.device.type == "cpu" for x in (feats, rewards, conts))
     assert torch.isfinite(feats).all() and ((conts >= 0) & (conts <= 1)).all()
     assert (rewards.abs() <= 1).all()  # sign head: expectation of {-1, 0, 1}

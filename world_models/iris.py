@@ -378,9 +378,8 @@ class IrisWorldModel(WorldModel):
         """
         n, k = state["tokens"].shape[0], self.K
         new = dict(state)
-        context = state.get(self._context)  # a cache is reused: positions 0.. are rewritten
-        rows = None if context is None else context.shape[2 if self.kv_cache else 0]
-        if rows != n or not self.kv_cache:
+        context = state.get(self._context)  # [N, ...]; a cache is reused: 0.. are rewritten
+        if context is None or context.shape[0] != n or not self.kv_cache:
             new[self._context] = self._empty_context(n, state["tokens"].device)
         x = self.token_emb(state["tokens"])  # [N, K, D]
         valid = torch.ones(n, k, dtype=torch.bool, device=x.device)  # [N, K]
